@@ -1,0 +1,114 @@
+"""Metric unit tests on hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import unlearn_fast as uf
+from unlearn_fast.data import make_blockmask_dataset
+from unlearn_fast.evaluate import Evaluation, evaluate, loss_threshold_auc, residual_influence_per_target
+
+
+def test_loss_threshold_auc_hand_cases():
+    # Members all below non-members → 1; reversed → 0; one tie among 2×2 pairs → (3 + 0.5)/4.
+    assert loss_threshold_auc(torch.tensor([0.1, 0.2]), torch.tensor([0.5, 0.9])) == 1.0
+    assert loss_threshold_auc(torch.tensor([0.5, 0.9]), torch.tensor([0.1, 0.2])) == 0.0
+    assert loss_threshold_auc(torch.tensor([0.1, 0.5]), torch.tensor([0.5, 0.9])) == pytest.approx(3.5 / 4)
+    assert math.isnan(loss_threshold_auc(torch.tensor([]), torch.tensor([0.5])))
+
+
+def test_residual_influence_per_target_hand_case():
+    original = torch.tensor([0.0, 0.1, 0.50, 1.0])
+    oracle = torch.tensor([1.0, 0.11, 0.50, 3.0])
+    method = torch.tensor([0.25, 0.0, 0.2, 3.0])
+    ri = residual_influence_per_target(method, original, oracle, min_gap=0.02)
+    assert ri[0].item() == pytest.approx(0.75)
+    assert math.isnan(ri[1]) and math.isnan(ri[2])  # gaps 0.01 and 0 are below 0.02
+    assert ri[3].item() == pytest.approx(0.0)
+
+
+class FixedLogits(nn.Module):
+    """Logits looked up by the first pixel of the input, which the test sets to the sample's row."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+def _toy_dataset():
+    # 4 base train images, 1 target (id 0) with 2 copies (ids 4, 5); 2 test images.
+    train_x = torch.ones(4, 1, 2, 2)
+    ds = make_blockmask_dataset("toy", train_x, torch.tensor([0, 1, 0, 1]), torch.ones(2, 1, 2, 2), torch.tensor([0, 1]),
+                                targets=1, copies=2, block=1, fraction=0.25, seed=0, num_classes=2)
+    target = ds.forget_ids[0]
+    x = ds.train.tensors[0]
+    for row in range(len(x)):  # first pixel = row id (the copies may have it masked; set it back)
+        x[row, 0, 0, 0] = row
+    ds.test.tensors[0][:, 0, 0, 0] = torch.tensor([6.0, 7.0])
+    return ds, target
+
+
+def test_accuracy_confidence_and_loss_on_fixed_logits():
+    ds, target = _toy_dataset()
+    labels = torch.cat([ds.train.tensors[1], ds.test.tensors[1]])
+    table = torch.zeros(8, 2)
+    correct = torch.tensor([1, 1, 0, 1, 1, 0, 1, 0], dtype=torch.bool)  # per row: logit 2 on label or on the other class
+    for row in range(8):
+        cls = labels[row] if correct[row] else 1 - labels[row]
+        table[row, cls] = 2.0
+    ev = Evaluation(FixedLogits(table), ds, reference_target_loss={"original": torch.tensor([0.0]), "oracle": torch.tensor([1.0])})
+    out = evaluate(ev, ["target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence"])
+    p_right = math.exp(2) / (math.exp(2) + 1)
+    retain = [i for i in range(4) if i != target]
+    assert out["target_acc"] == float(correct[target])
+    assert out["similar_acc"] == pytest.approx(correct[[4, 5]].float().mean().item())
+    assert out["retain_acc"] == pytest.approx(correct[retain].float().mean().item())
+    assert out["test_acc"] == pytest.approx(0.5)
+    expected_conf = p_right if correct[target] else 1 - p_right
+    assert out["target_confidence"] == pytest.approx(expected_conf)
+    assert out["target_loss"] == pytest.approx(-math.log(expected_conf))
+
+
+def test_residual_influence_metric_and_count():
+    ds, target = _toy_dataset()
+    table = torch.zeros(8, 2)
+    ev = Evaluation(FixedLogits(table), ds, reference_target_loss={"original": torch.tensor([0.0]), "oracle": torch.tensor([2 * math.log(2)])})
+    # Uniform logits: loss log 2, halfway between original (0) and oracle (2 log 2) → RI = 0.5.
+    out = evaluate(ev, ["residual_influence", "ri_targets_used", "mia_auc"])
+    assert out["residual_influence"] == pytest.approx(0.5)
+    assert out["ri_targets_used"] == 1.0
+    assert out["mia_auc"] == pytest.approx(0.5)  # all losses tie
+    ev_tiny = Evaluation(FixedLogits(table), ds, ri_min_gap=10.0, reference_target_loss=ev.reference_target_loss)
+    assert math.isnan(evaluate(ev_tiny, ["residual_influence"])["residual_influence"])
+
+
+def test_metric_registry_errors(small_digits, trained_mlp):
+    ev = Evaluation(trained_mlp, small_digits)
+    with pytest.raises(ValueError, match="unknown metric 'f1'; valid metrics: target_acc"):
+        evaluate(ev, ["f1"])
+    with pytest.raises(ValueError, match=r"reference target losses of \['original', 'oracle'\]"):
+        evaluate(ev, ["residual_influence"])
+    with pytest.raises(ValueError, match="valid splits"):
+        ev.outputs("validation")
+
+
+def test_each_split_runs_the_model_once(small_digits, trained_mlp):
+    calls = []
+    handle = trained_mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        evaluate(Evaluation(trained_mlp, small_digits), ["target_acc", "target_loss", "target_confidence"])
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+def test_registry_names_are_complete():
+    assert {"target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence",
+            "mia_auc", "residual_influence"} <= set(uf.METRICS.names())

@@ -1,0 +1,31 @@
+"""unlearn_fast: machine unlearning that measures, and removes, the influence near-duplicates keep.
+
+Public face: :func:`load_dataset`, :func:`train`, :func:`attach`, :func:`unlearn`, :func:`evaluate`,
+:func:`run_study`, and the registries ``METHODS`` and ``METRICS``.
+"""
+
+from __future__ import annotations
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .context import TrainingContext, attach, get_context
+from .data import DATASETS, SimilarDataset, load_dataset
+from .evaluate import METRICS, Evaluation, evaluate
+from .methods import METHODS, unlearn
+from .models import MODELS, build_model
+from .train import train
+
+__version__ = "0.1.0"
+
+
+def run_study(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+    """See :func:`unlearn_fast.study.run_study` (imported lazily: it pulls in the report and plotting code)."""
+    from .study import run_study as _run_study
+
+    return _run_study(*args, **kwargs)
+
+
+__all__ = [
+    "DATASETS", "METHODS", "METRICS", "MODELS", "Evaluation", "SimilarDataset", "TrainingContext",
+    "attach", "build_model", "evaluate", "get_context", "load_checkpoint", "load_dataset", "run_study",
+    "save_checkpoint", "train", "unlearn",
+]

@@ -1,0 +1,129 @@
+"""The training context a model carries: its data, loss, weight decay and recipe (ARCHITECTURE.md).
+
+``unlearn_fast.train`` records it; ``attach`` records it for a model trained elsewhere. Unlearning
+methods read it, so that ``unlearn(model, forget_ids)`` needs no more arguments, and record the ids
+they removed, so that deletion requests compose.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .losses import Loss, check_loss
+from .validation import check_ids, check_number
+
+CONTEXT_ATTRIBUTE = "unlearn_fast_context"
+
+
+@dataclass
+class TrainingContext:
+    """What a model was trained on and how.
+
+    Attributes:
+        data: the full training Dataset of (input, label).
+        loss: a loss name or callable (see :mod:`unlearn_fast.losses`).
+        weight_decay: λ of the objective mean loss + (λ/2)‖θ‖².
+        recipe: optimiser settings of :func:`unlearn_fast.train` (epochs, lr, batch_size, seed, ...);
+            empty for an attached model.
+        similar: target id → ids of its known near-duplicates, when the data has ground truth.
+        removed_ids: ids already unlearned; the model's retain set is ``data`` minus these.
+        initial_state: parameters before training (CPU), so that retraining repeats the same init.
+    """
+
+    data: Dataset
+    loss: Loss
+    weight_decay: float
+    recipe: dict[str, Any] = field(default_factory=dict)
+    similar: dict[int, list[int]] | None = None
+    removed_ids: tuple[int, ...] = ()
+    initial_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TrainingContext":
+        # The data and initial state are read-only references; copying them with every model copy
+        # would multiply memory for nothing.
+        return replace(self, recipe=copy.deepcopy(self.recipe, memo), similar=copy.deepcopy(self.similar, memo))
+
+    def retain_ids(self, extra_removed: list[int] | tuple[int, ...] = ()) -> list[int]:
+        """Train ids not removed, after also removing ``extra_removed``."""
+        gone = set(self.removed_ids) | set(extra_removed)
+        return [i for i in range(len(self.data)) if i not in gone]  # type: ignore[arg-type]
+
+
+def get_context(model: nn.Module) -> TrainingContext:
+    """The model's training context; a ValueError explaining how to give one if it has none."""
+    ctx = getattr(model, CONTEXT_ATTRIBUTE, None)
+    if ctx is None:
+        raise ValueError(
+            "model has no training context: train it with unlearn_fast.train(...) or call "
+            "unlearn_fast.attach(model, data, loss, weight_decay=...) first"
+        )
+    return ctx
+
+
+def set_context(model: nn.Module, context: TrainingContext) -> nn.Module:
+    # object.__setattr__ keeps nn.Module from treating the context as a submodule or buffer.
+    object.__setattr__(model, CONTEXT_ATTRIBUTE, context)
+    return model
+
+
+def _split_data(data: Any) -> tuple[Dataset, dict[int, list[int]] | None]:
+    """(train Dataset, near-duplicate ground truth or None) of a Dataset or SimilarDataset."""
+    from .data import SimilarDataset
+
+    if isinstance(data, SimilarDataset):
+        return data.train, data.similar
+    if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise ValueError(f"data must be a map-style torch Dataset or a SimilarDataset, got {type(data).__name__}")
+    return data, None
+
+
+def attach(
+    model: nn.Module,
+    data: Any,
+    loss: Loss = "cross_entropy",
+    *,
+    weight_decay: float = 0.0,
+    similar: dict[int, list[int]] | None = None,
+    removed_ids: list[int] | None = None,
+    recipe: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Record the training context of a model trained elsewhere; returns ``model``.
+
+    ``data`` is the training Dataset, or a SimilarDataset whose ``train`` and ``similar`` are used.
+    ``recipe`` (epochs, lr, batch_size, ...) is needed only by methods that retrain.
+    """
+    dataset, known_similar = _split_data(data)
+    removed = tuple(check_ids(removed_ids, len(dataset), "removed_ids")) if removed_ids else ()
+    ctx = TrainingContext(
+        data=dataset, loss=check_loss(loss), weight_decay=check_number(weight_decay, "weight_decay"),
+        recipe=dict(recipe or {}), similar=similar if similar is not None else known_similar, removed_ids=removed,
+    )
+    return set_context(model, ctx)
+
+
+def resolve_context(model: nn.Module, *, data: Any = None, loss: Loss | None = None, weight_decay: float | None = None) -> TrainingContext:
+    """The model's context with any given ``data``/``loss``/``weight_decay`` taking precedence.
+
+    The model is not modified. New ``data`` resets the removed ids, which index the old data.
+    """
+    base = getattr(model, CONTEXT_ATTRIBUTE, None)
+    if base is None and data is None:
+        get_context(model)  # raises the explanatory error
+    changes: dict[str, Any] = {}
+    if data is not None:
+        dataset, known_similar = _split_data(data)
+        if base is None or dataset is not base.data:
+            changes.update(data=dataset, similar=known_similar, removed_ids=())
+    if loss is not None:
+        changes["loss"] = check_loss(loss)
+    if weight_decay is not None:
+        changes["weight_decay"] = check_number(weight_decay, "weight_decay")
+    if base is None:
+        return TrainingContext(**{"loss": "cross_entropy", "weight_decay": 0.0, **changes})
+    return replace(base, **changes)

@@ -1,0 +1,109 @@
+"""One model evaluated on the splits of a SimilarDataset, with per-sample outputs computed once.
+
+The splits are ``targets`` (the forget ids), ``similar`` (their planted near-duplicates),
+``retain`` (train minus both) and ``test``. Metrics read the cached per-sample losses, correctness
+and confidences, so the model runs over each split once however many metrics are asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..data.similar_dataset import SimilarDataset, as_tensors
+from ..losses import Loss, per_sample_loss
+
+SPLITS = ("targets", "similar", "retain", "test")
+# Residual-influence denominator threshold, in nats. On digits-blockmask the per-target losses of
+# two models trained on nearly the same data differ by ~0.001-0.003 for easy targets, so a gap of
+# 0.02 keeps the per-target ratio's noise near ±0.1 (see metrics.residual_influence).
+DEFAULT_RI_MIN_GAP = 0.02
+
+
+@dataclass(frozen=True)
+class SplitOutputs:
+    """Per-sample outputs on one split, each [n] on CPU."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    confidence: torch.Tensor  # softmax probability of the true label
+
+
+class _FixedOutput(nn.Module):
+    """Returns precomputed outputs, so a named loss can be applied without a second forward pass."""
+
+    def __init__(self, outputs: torch.Tensor) -> None:
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        return self.outputs
+
+
+@torch.no_grad()
+def split_outputs(model: nn.Module, loss: Loss, inputs: torch.Tensor, labels: torch.Tensor,
+                  device: torch.device, batch_size: int = 1024) -> SplitOutputs:
+    """Per-sample loss, correctness and true-label confidence of a classifier on (inputs [n, ...], labels [n])."""
+    was_training = model.training
+    model.eval()
+    losses, correct, confidence = [], [], []
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device)
+        logits = model(x).float()
+        scorer = _FixedOutput(logits) if isinstance(loss, str) else model
+        losses.append(per_sample_loss(scorer, loss, (x, y)).cpu())
+        correct.append((logits.argmax(dim=1) == y).float().cpu())
+        confidence.append(torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1).cpu())
+    model.train(was_training)
+    if not losses:
+        empty = torch.zeros(0)
+        return SplitOutputs(empty, empty, empty)
+    return SplitOutputs(torch.cat(losses), torch.cat(correct), torch.cat(confidence))
+
+
+@dataclass
+class Evaluation:
+    """A model, the dataset it is judged on, and the reference target losses for residual influence.
+
+    Attributes:
+        reference_target_loss: per-target losses [K] of ``"original"`` and ``"oracle"`` (same order as
+            ``dataset.forget_ids``); residual influence needs both.
+        ri_min_gap: targets whose |ℓ_oracle − ℓ_original| is below this are left out of the residual
+            influence mean (see :func:`unlearn_fast.evaluate.metrics.residual_influence`).
+    """
+
+    model: nn.Module
+    dataset: SimilarDataset
+    loss: Loss = "cross_entropy"
+    device: torch.device = torch.device("cpu")
+    reference_target_loss: dict[str, torch.Tensor] = field(default_factory=dict)
+    ri_min_gap: float = DEFAULT_RI_MIN_GAP
+    _cache: dict[str, SplitOutputs] = field(default_factory=dict, repr=False)
+
+    def split_ids(self, split: str) -> list[int]:
+        ds = self.dataset
+        if split == "targets":
+            return list(ds.forget_ids)
+        if split == "similar":
+            return ds.similar_ids()
+        if split == "retain":
+            gone = set(ds.forget_ids) | set(ds.similar_ids())
+            return [i for i in range(len(ds.train)) if i not in gone]  # type: ignore[arg-type]
+        raise ValueError(f"split {split!r} has no train ids; valid: targets, similar, retain")
+
+    def outputs(self, split: str) -> SplitOutputs:
+        """Cached per-sample outputs on ``split`` (one of targets, similar, retain, test)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        if split not in self._cache:
+            if split == "test":
+                inputs, labels = as_tensors(self.dataset.test)
+            else:
+                all_x, all_y = as_tensors(self.dataset.train)
+                index = torch.as_tensor(self.split_ids(split), dtype=torch.long)
+                inputs, labels = all_x[index], all_y[index]
+            self._cache[split] = split_outputs(self.model, self.loss, inputs, labels, self.device)
+        return self._cache[split]

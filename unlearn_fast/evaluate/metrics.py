@@ -1,0 +1,100 @@
+"""The metric registry. A metric is ``fn(evaluation) -> float``; NaN means undefined for this case."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from ..registry import Registry
+from .evaluation import Evaluation
+
+METRICS: Registry = Registry("metric")
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else math.nan
+
+
+def _register_accuracy(split: str) -> None:
+    def accuracy(ev: Evaluation) -> float:
+        return _mean(ev.outputs(split).correct)
+
+    METRICS.register(f"{split.removesuffix('s')}_acc", description=f"top-1 accuracy on the {split} split")(accuracy)
+
+
+for _split in ("targets", "similar", "retain", "test"):
+    _register_accuracy(_split)
+
+
+@METRICS.register("target_loss")
+def target_loss(ev: Evaluation) -> float:
+    """Mean per-sample loss on the forget targets."""
+    return _mean(ev.outputs("targets").loss)
+
+
+@METRICS.register("target_confidence")
+def target_confidence(ev: Evaluation) -> float:
+    """Mean softmax probability of the true label on the forget targets."""
+    return _mean(ev.outputs("targets").confidence)
+
+
+def loss_threshold_auc(member_loss: torch.Tensor, nonmember_loss: torch.Tensor) -> float:
+    """ROC AUC of the attack "lower loss ⇒ member" (Yeom et al. 2018), ties counted as half.
+
+    0.5: members and non-members are indistinguishable; 1: every member has a lower loss than
+    every non-member.
+    """
+    if member_loss.numel() == 0 or nonmember_loss.numel() == 0:
+        return math.nan
+    scores = -torch.cat([member_loss, nonmember_loss]).double().numpy()
+    truth = np.r_[np.ones(member_loss.numel()), np.zeros(nonmember_loss.numel())]
+    return float(roc_auc_score(truth, scores))
+
+
+@METRICS.register("mia_auc")
+def mia_auc(ev: Evaluation) -> float:
+    """Population loss-threshold MIA: AUC of targets (members) against test samples (non-members)."""
+    return loss_threshold_auc(ev.outputs("targets").loss, ev.outputs("test").loss)
+
+
+def residual_influence_per_target(method_loss: torch.Tensor, original_loss: torch.Tensor, oracle_loss: torch.Tensor,
+                                  min_gap: float) -> torch.Tensor:
+    """RI_t = (ℓ_oracle − ℓ_method) / (ℓ_oracle − ℓ_original) per target [K]; NaN where the gap < min_gap.
+
+    A target whose oracle and original losses nearly agree carries no measurable influence to
+    remove: its ratio is noise over a tiny denominator, so it is marked NaN and left out.
+    """
+    gap = oracle_loss - original_loss
+    ri = (oracle_loss - method_loss) / gap
+    return torch.where(gap.abs() >= min_gap, ri, torch.full_like(ri, math.nan))
+
+
+def _ri_values(ev: Evaluation) -> torch.Tensor:
+    refs = ev.reference_target_loss
+    missing = [name for name in ("original", "oracle") if name not in refs]
+    if missing:
+        raise ValueError(f"residual_influence needs reference target losses of {missing}; give Evaluation(reference_target_loss=...)")
+    return residual_influence_per_target(ev.outputs("targets").loss, refs["original"], refs["oracle"], ev.ri_min_gap)
+
+
+@METRICS.register("residual_influence")
+def residual_influence(ev: Evaluation) -> float:
+    """Mean over targets of RI_t = (ℓ_oracle − ℓ_method)/(ℓ_oracle − ℓ_original).
+
+    1: the target's influence on its own loss fully remains (as in ``original``); 0: the model
+    behaves on the target like the oracle, which never saw it nor its near-duplicates. Targets
+    with |ℓ_oracle − ℓ_original| < ``ev.ri_min_gap`` are excluded (see ``ri_targets_used``); with
+    none left the value is NaN.
+    """
+    values = _ri_values(ev)
+    kept = values[~torch.isnan(values)]
+    return _mean(kept)
+
+
+@METRICS.register("ri_targets_used")
+def ri_targets_used(ev: Evaluation) -> float:
+    """How many targets passed the residual-influence denominator threshold."""
+    return float((~torch.isnan(_ri_values(ev))).sum())

@@ -1,0 +1,53 @@
+"""The one loss convention (ARCHITECTURE.md).
+
+A loss is a name applied as ``loss(model(inputs), targets)``, or a callable
+``(model, batch) -> per-sample losses [B]``. Everything per-sample goes through
+:func:`per_sample_loss`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+Loss = Union[str, LossFn]
+
+
+def _cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
+    inputs, targets = batch
+    return F.cross_entropy(model(inputs).float(), targets, reduction="none")
+
+
+def _mse(model: nn.Module, batch: Batch) -> torch.Tensor:
+    inputs, targets = batch
+    out = model(inputs).float()
+    err = (out - targets.to(out.dtype).reshape(out.shape)) ** 2
+    return err.reshape(err.shape[0], -1).sum(dim=1)
+
+
+NAMED_LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
+
+
+def check_loss(loss: Loss) -> Loss:
+    """Return ``loss`` unchanged if valid; a ValueError naming the valid choices otherwise."""
+    if isinstance(loss, str):
+        if loss not in NAMED_LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(NAMED_LOSSES)} or a callable (model, batch) -> [B]")
+        return loss
+    if callable(loss):
+        return loss
+    raise ValueError(f"loss must be a name ({', '.join(NAMED_LOSSES)}) or a callable (model, batch) -> [B], got {loss!r}")
+
+
+def per_sample_loss(model: nn.Module, loss: Loss, batch: Batch) -> torch.Tensor:
+    """Per-sample losses [B] of ``model`` on ``batch`` = (inputs [B, ...], targets [B, ...])."""
+    fn = NAMED_LOSSES[loss] if isinstance(loss, str) else loss
+    out = fn(model, batch)
+    if out.dim() != 1 or out.shape[0] != batch[0].shape[0]:
+        raise ValueError(f"loss must return per-sample losses of shape [{batch[0].shape[0]}], got {tuple(out.shape)}")
+    return out

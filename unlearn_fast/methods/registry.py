@@ -1,0 +1,81 @@
+"""The one registry of unlearning methods, and the task every method receives.
+
+A method is ``fn(model, task, **hyper) -> model``: it returns the unlearned model and leaves
+``model`` untouched. It is registered with its defaults and a one-line description.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..context import TrainingContext, set_context
+from ..data.similar_dataset import as_tensors
+from ..losses import Loss
+from ..registry import Registry
+
+Method = Callable[..., nn.Module]
+METHODS: Registry[Method] = Registry("method")
+
+
+@dataclass
+class UnlearnTask:
+    """What a method needs besides the model.
+
+    Attributes:
+        context: the model's training context (data, loss, weight decay, recipe, removed ids).
+        forget_ids: validated train ids to unlearn in this request.
+        device: resolved torch device.
+        progress: whether to show progress bars.
+    """
+
+    context: TrainingContext
+    forget_ids: list[int]
+    device: torch.device
+    progress: bool = True
+
+    @property
+    def data(self) -> Dataset:
+        return self.context.data
+
+    @property
+    def loss(self) -> Loss:
+        return self.context.loss
+
+    def tensors(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [len(ids), ...], labels [len(ids)]) of train samples ``ids``."""
+        inputs, labels = as_tensors(self.context.data)
+        index = torch.as_tensor(ids, dtype=torch.long)
+        return inputs[index], labels[index]
+
+    def retain_ids(self, extra_removed: list[int] | tuple[int, ...] = ()) -> list[int]:
+        """Train ids kept after this request (and any earlier ones), minus ``extra_removed``."""
+        return self.context.retain_ids([*self.forget_ids, *extra_removed])
+
+    def recipe(self, **overrides: Any) -> dict[str, Any]:
+        """The training recipe with non-None ``overrides``; needs a recorded recipe for missing keys."""
+        recipe = {**self.context.recipe, **{k: v for k, v in overrides.items() if v is not None}}
+        from ..train import make_recipe
+
+        missing = [k for k in ("epochs", "lr", "batch_size") if k not in recipe]
+        if missing:
+            raise ValueError(
+                f"no training recipe recorded for {missing}: the model was attached, not trained with "
+                f"unlearn_fast.train; pass them as method options (e.g. epochs=..., lr=..., batch_size=...)"
+            )
+        recipe.setdefault("weight_decay", self.context.weight_decay)
+        return make_recipe(**{k: recipe[k] for k in ("epochs", "lr", "batch_size", "weight_decay")},
+                           **{k: recipe[k] for k in ("momentum", "schedule", "seed", "amp") if k in recipe})
+
+
+def derived_model(model: nn.Module, task: UnlearnTask, removed: list[int]) -> nn.Module:
+    """A copy of ``model`` whose context records ``removed`` as unlearned too."""
+    out = copy.deepcopy(model)
+    ctx = copy.deepcopy(task.context)
+    ctx.removed_ids = tuple(sorted({*ctx.removed_ids, *removed}))
+    return set_context(out, ctx)

@@ -1,0 +1,47 @@
+"""Retraining references: ``retrain`` (without the targets) and ``oracle`` (without their near-duplicates too)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..train import fit
+from .registry import METHODS, UnlearnTask, derived_model
+
+
+def _reinitialise(model: nn.Module, task: UnlearnTask, seed: int) -> None:
+    """Restore the recorded initial parameters, or re-draw them from ``seed`` if none were recorded."""
+    if task.context.initial_state is not None:
+        model.load_state_dict(task.context.initial_state)
+        return
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def _retrain_without(model: nn.Module, task: UnlearnTask, removed: list[int], desc: str, **overrides: object) -> nn.Module:
+    recipe = task.recipe(**overrides)
+    out = derived_model(model, task, removed)
+    _reinitialise(out, task, recipe["seed"])
+    inputs, labels = task.tensors(task.context.retain_ids(removed))
+    return fit(out, inputs, labels, recipe, task.loss, device=task.device, progress=task.progress, desc=desc)
+
+
+@METHODS.register("retrain", epochs=None, lr=None, batch_size=None)
+def retrain(model: nn.Module, task: UnlearnTask, *, epochs: int | None, lr: float | None, batch_size: int | None) -> nn.Module:
+    """Retrain from the same initialisation with the same recipe and seed, without the forget ids.
+
+    Options left at None take the recorded recipe's value.
+    """
+    return _retrain_without(model, task, task.forget_ids, "retrain", epochs=epochs, lr=lr, batch_size=batch_size)
+
+
+@METHODS.register("oracle", epochs=None, lr=None, batch_size=None)
+def oracle(model: nn.Module, task: UnlearnTask, *, epochs: int | None, lr: float | None, batch_size: int | None) -> nn.Module:
+    """Retrain without the forget ids and every known near-duplicate of them (needs ground truth)."""
+    similar = task.context.similar
+    if similar is None:
+        raise ValueError("oracle needs near-duplicate ground truth: train on a SimilarDataset or attach(..., similar={target: [ids]})")
+    removed = sorted({*task.forget_ids, *(j for t in task.forget_ids for j in similar.get(t, []))})
+    return _retrain_without(model, task, removed, "oracle", epochs=epochs, lr=lr, batch_size=batch_size)

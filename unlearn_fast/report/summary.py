@@ -1,0 +1,189 @@
+"""Aggregate study records over seeds (mean and Student-t 95% CI) and render them as tables.
+
+A record is one flat dict per (dataset, method, seed, similar) as written to ``results.json`` by
+``unlearn-fast study``. Every numeric key that is not an identifying key is a metric, so new
+metrics show up in the report without touching this module.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+IDENTITY_KEYS = ("dataset", "method", "seed", "similar", "targets", "model")
+
+# Quality metrics first, in the order a reader asks about them; bookkeeping columns go last.
+DEFAULT_METRIC_ORDER = (
+    "target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence",
+    "mia_auc", "residual_influence",
+)
+TRAILING_METRICS = ("seconds", "ri_targets_used")
+
+
+def _is_number(value: Any) -> bool:
+    # bool is a subclass of int, but a flag is not a metric to average.
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_records(records: Any) -> list[Mapping[str, Any]]:
+    """Materialize ``records`` as a list, rejecting non-dicts and dicts without dataset/method."""
+    if isinstance(records, (str, bytes)) or not isinstance(records, Iterable):
+        raise ValueError(f"records must be a list of dicts, got {type(records).__name__}")
+    records = list(records)
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            raise ValueError(f"record {i} is not a dict: {rec!r}")
+        missing = [k for k in ("dataset", "method") if k not in rec]
+        if missing:
+            raise ValueError(f"record {i} lacks the identifying key(s) {missing}: {dict(rec)!r}")
+    return records
+
+
+def metric_names(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Metric keys in order of first appearance: every key that holds a number in some record."""
+    names: dict[str, None] = {}
+    for rec in records:
+        for key, value in rec.items():
+            if key not in IDENTITY_KEYS and _is_number(value):
+                names.setdefault(key, None)
+    return list(names)
+
+
+def mean_ci95(values: Iterable[Any]) -> dict[str, float | int]:
+    """``{"mean", "ci95", "n"}`` over the finite numbers in ``values``; None/NaN/non-numbers are dropped.
+
+    ``ci95`` is the half-width of the Student-t 95% interval of the mean, NaN when n < 2.
+    """
+    kept = np.array([float(v) for v in values if _is_number(v) and math.isfinite(float(v))], dtype=float)
+    n = int(kept.size)
+    if n == 0:
+        return {"mean": math.nan, "ci95": math.nan, "n": 0}
+    mean = float(kept.mean())
+    if n == 1:
+        return {"mean": mean, "ci95": math.nan, "n": 1}
+    half = float(stats.t.ppf(0.975, n - 1) * kept.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "ci95": half, "n": n}
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Group records by (dataset, similar, method) and give mean, 95% CI and n for every metric.
+
+    Groups keep the order in which datasets, similar values and methods first appear. Every row
+    carries every metric seen anywhere, so tables line up even where a metric is undefined (n=0).
+    """
+    records = check_records(records)
+    names = metric_names(records)
+    groups: dict[tuple[Any, Any], dict[Any, list[Mapping[str, Any]]]] = {}
+    method_order: dict[Any, None] = {}
+    for rec in records:
+        method_order.setdefault(rec["method"], None)
+        groups.setdefault((rec["dataset"], rec.get("similar")), {}).setdefault(rec["method"], []).append(rec)
+    rows = []
+    datasets = list(dict.fromkeys(ds for ds, _ in groups))
+    for dataset in datasets:
+        for (ds, similar), by_method in groups.items():
+            if ds != dataset:
+                continue
+            # The global first-appearance order, so every group lists methods the same way.
+            for method in (m for m in method_order if m in by_method):
+                recs = by_method[method]
+                metrics = {name: mean_ci95(r.get(name) for r in recs) for name in names}
+                rows.append({"dataset": dataset, "similar": similar, "method": method, "metrics": metrics})
+    return rows
+
+
+def ordered_metrics(summary: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The metrics present in ``summary``: preferred ones first, then others, then bookkeeping."""
+    present: dict[str, None] = {}
+    for row in summary:
+        for name in row["metrics"]:
+            present.setdefault(name, None)
+    head = [m for m in DEFAULT_METRIC_ORDER if m in present]
+    tail = [m for m in TRAILING_METRICS if m in present]
+    middle = [m for m in present if m not in head and m not in tail]
+    return head + middle + tail
+
+
+def group_rows(summary: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, Any], list[Mapping[str, Any]]]:
+    """Summary rows keyed by (dataset, similar), in order of appearance."""
+    out: dict[tuple[Any, Any], list[Mapping[str, Any]]] = {}
+    for row in summary:
+        out.setdefault((row["dataset"], row["similar"]), []).append(row)
+    return out
+
+
+def format_c(similar: Any) -> str:
+    """``10`` for 10 and 10.0 alike, so JSON round trips do not change labels."""
+    if _is_number(similar) and math.isfinite(float(similar)) and float(similar).is_integer():
+        return str(int(similar))
+    return str(similar)
+
+
+def format_cell(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
+    """``0.812 ± 0.041``; just the mean when the CI is undefined; ``n/a`` when the mean is."""
+    if not stat:
+        return "n/a"
+    mean, ci = stat.get("mean", math.nan), stat.get("ci95", math.nan)
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    if ci is None or not math.isfinite(ci):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def _seed_count(rows: Sequence[Mapping[str, Any]]) -> int:
+    # Each record is one seed, so the largest per-metric n is the number of seeds that ran.
+    return max((s["n"] for row in rows for s in row["metrics"].values()), default=0)
+
+
+def _heading(dataset: Any, similar: Any, rows: Sequence[Mapping[str, Any]]) -> str:
+    seeds = _seed_count(rows)
+    return f"{dataset}, similar={format_c(similar)} ({seeds} seed{'' if seeds == 1 else 's'})"
+
+
+def _text_table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        # Method names read best left-aligned, numbers right-aligned so decimals line up.
+        parts = [c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells)]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    def esc(cell: str) -> str:
+        return cell.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(c) for c in header) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def format_table(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None = None,
+                 style: str = "text") -> str:
+    """One table per (dataset, similar) group: rows are methods, cells ``mean ± ci95``.
+
+    ``style="text"`` aligns columns for a terminal; ``style="markdown"`` gives pipe tables under
+    ``###`` headings. ``metrics`` picks and orders the columns (default: :func:`ordered_metrics`).
+    """
+    if style not in ("text", "markdown"):
+        raise ValueError(f"style must be 'text' or 'markdown', got {style!r}")
+    cols = list(metrics) if metrics is not None else ordered_metrics(summary)
+    blocks = []
+    for (dataset, similar), rows in group_rows(summary).items():
+        header = ["method", *cols]
+        body = [[str(r["method"]), *(format_cell(r["metrics"].get(m)) for m in cols)] for r in rows]
+        heading = _heading(dataset, similar, rows)
+        if style == "markdown":
+            blocks.append(f"### {heading}\n\n{_markdown_table(header, body)}")
+        else:
+            blocks.append(f"{heading}\n{_text_table(header, body)}")
+    return "\n\n".join(blocks) + ("\n" if blocks else "")

@@ -1,0 +1,165 @@
+"""The study: datasets × methods × seeds → flat result records (the main job).
+
+For each seed and each near-duplicate count C, the study builds the dataset, trains ``original``,
+runs ``oracle`` (without the targets and their near-duplicates) and every requested method, and
+evaluates all of them against the ``original`` and ``oracle`` references. Records are written to
+``results.json`` / ``results.csv`` and summarised in ``report.md`` with plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import atomic_io
+from .data import DATASETS, default_recipe, load_dataset
+from .evaluate import DEFAULT_METRICS, METRICS, Evaluation, evaluate
+from .methods import METHODS, unlearn
+from .models import build_model
+from .train import train
+from .validation import check_positive_int, resolve_device
+
+REFERENCES = ("original", "oracle")
+DEFAULT_METHODS = ("retrain", "finetune", "gradient_ascent")
+QUICK_EPOCH_DIVISOR = 3
+OUTPUT_FILES = ("results.json", "results.csv", "report.md", "residual_influence.png", "accuracy.png")
+
+
+def study_methods(methods: Iterable[str] | None) -> list[str]:
+    """``original``, ``retrain``, ``oracle`` first (the schema needs them), then the requested methods."""
+    requested = list(DEFAULT_METHODS if methods is None else methods)
+    for name in requested:
+        if name not in REFERENCES:
+            METHODS.get(name)  # raises listing the valid names
+    return list(dict.fromkeys(["original", "retrain", "oracle", *requested]))
+
+
+def _run_one_condition(dataset: str, seed: int, copies: int, methods: list[str], metrics: list[str], quick: bool,
+                       device: torch.device, dataset_options: dict[str, Any], bar: Any) -> list[dict[str, Any]]:
+    data = load_dataset(dataset, **{**dataset_options, "copies": copies, "seed": seed})
+    recipe = default_recipe(dataset)
+    model_name = recipe.pop("model")
+    if quick:
+        recipe["epochs"] = max(1, recipe["epochs"] // QUICK_EPOCH_DIVISOR)
+    torch.manual_seed(seed)
+    model = build_model(model_name, data.input_shape, data.num_classes)
+    # Per-model bars only where a person watches; in logs the study bar's postfix says enough.
+    inner = not bar.disable and sys.stderr.isatty()
+    bar.set_postfix_str(f"seed={seed} C={copies} original")
+    started = time.perf_counter()
+    original = train(model, data, seed=seed, device=device, progress=inner, **recipe)
+    seconds = {"original": time.perf_counter() - started}
+    bar.update()
+    models = {"original": original}
+    for name in ["oracle", *[m for m in methods if m not in REFERENCES]]:
+        bar.set_postfix_str(f"seed={seed} C={copies} {name}")
+        started = time.perf_counter()
+        models[name] = unlearn(original, data.forget_ids, name, device=device, progress=inner)
+        seconds[name] = time.perf_counter() - started
+        bar.update()
+
+    evaluations = {name: Evaluation(m, data, device=device) for name, m in models.items()}
+    refs = {name: evaluations[name].outputs("targets").loss for name in REFERENCES}
+    records = []
+    for name in methods:
+        ev = evaluations[name]
+        ev.reference_target_loss = refs
+        records.append({
+            "dataset": dataset, "method": name, "seed": seed, "similar": copies,
+            "targets": len(data.forget_ids), "model": model_name,
+            "seconds": seconds[name], **evaluate(ev, metrics),
+        })
+    return records
+
+
+def run_study(
+    dataset: str = "digits-blockmask",
+    methods: Iterable[str] | None = None,
+    seeds: int = 3,
+    similar: Iterable[int] | None = None,
+    quick: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    dataset_options: dict[str, Any] | None = None,
+    metrics: Iterable[str] = DEFAULT_METRICS,
+) -> list[dict[str, Any]]:
+    """Run the study and return its records; with ``out``, also write results and report there.
+
+    Args:
+        dataset: a registered dataset name.
+        methods: methods to compare besides the always-run ``original``, ``retrain`` and ``oracle``
+            (default: retrain, finetune, gradient_ascent).
+        seeds: number of seeds (0 .. seeds-1); each seed redraws split, targets, masks and init.
+        similar: near-duplicate counts C to run; default the dataset's C and 0 (the control).
+        quick: a third of the epochs, for smoke runs.
+        out: output folder. Only the study's own files in it are (atomically) replaced.
+        dataset_options: passed to :func:`unlearn_fast.load_dataset` (e.g. ``targets``, ``source``).
+    """
+    if isinstance(dataset, str) and dataset in DATASETS:
+        defaults = DATASETS.get(dataset).defaults
+    else:
+        DATASETS.get(dataset)  # raises listing the valid names
+    seeds = check_positive_int(seeds, "seeds")
+    method_names = study_methods(methods)
+    metric_names = list(metrics)
+    for name in metric_names:
+        METRICS.get(name)
+    options = dict(dataset_options or {})
+    DATASETS.resolve_hyper(dataset, options)  # unknown options fail before any training
+    conditions = [defaults["copies"] if "copies" not in options else options["copies"], 0] if similar is None else list(similar)
+    for c in conditions:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"similar={c!r}: each near-duplicate count must be an int >= 0")
+    conditions = list(dict.fromkeys(conditions))
+    options.pop("copies", None)
+    out_dir = _prepare_out(out)
+    dev = resolve_device(device)
+
+    records: list[dict[str, Any]] = []
+    total = seeds * len(conditions) * (len(method_names))
+    with tqdm(total=total, desc=f"study {dataset}", unit="model", disable=not progress) as bar:
+        for seed in range(seeds):
+            for copies in conditions:
+                records += _run_one_condition(dataset, seed, copies, method_names, metric_names, quick, dev, options, bar)
+    if out_dir is not None:
+        write_results(out_dir, records)
+    return records
+
+
+def _prepare_out(out: str | os.PathLike[str] | None) -> Path | None:
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_results(out_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Write results.json, results.csv and the report (report.md + PNGs), each atomically."""
+    from .report import build_report
+
+    safe = [{k: _json_safe(v) for k, v in r.items()} for r in records]
+    atomic_io.write_json(out_dir / "results.json", safe)
+    columns = list(dict.fromkeys(k for r in safe for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(safe)
+    atomic_io.write_text(out_dir / "results.csv", buffer.getvalue())
+    build_report(out_dir, safe)

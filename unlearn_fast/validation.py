@@ -1,0 +1,78 @@
+"""Input checks shared by the public entry points; each error names the bad value and the valid choices."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+
+def check_ids(ids: Any, n: int, what: str = "forget_ids") -> list[int]:
+    """Validate sample ids into a dataset of ``n`` samples and return them as a list of ints.
+
+    Accepts a sequence, numpy array or 1-D integer tensor. Rejects empty input, non-integers
+    (bools and floats included), out-of-range values and duplicates, naming the offenders.
+    """
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray, torch.Tensor, set, frozenset, range)):
+        raise ValueError(f"{what} must be a sequence of int sample ids, got {type(ids).__name__}: {ids!r}")
+    if isinstance(ids, (np.ndarray, torch.Tensor)):
+        if ids.ndim != 1:
+            raise ValueError(f"{what} must be 1-D, got shape {tuple(ids.shape)}")
+        is_int = (ids.dtype.kind in "iu") if isinstance(ids, np.ndarray) else not (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool)
+        if not is_int:
+            raise ValueError(f"{what} must hold integers, got dtype {ids.dtype}")
+        values = [int(v) for v in ids.tolist()]
+    else:
+        values = list(ids)
+        bad_type = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+        if bad_type:
+            raise ValueError(f"{what} must hold ints; these are not: {bad_type[:10]!r}")
+        values = [int(v) for v in values]
+    if not values:
+        raise ValueError(f"{what} is empty; give at least one sample id in [0, {n - 1}]")
+    out_of_range = sorted({v for v in values if not 0 <= v < n})
+    if out_of_range:
+        raise ValueError(f"{what} has ids outside [0, {n - 1}]: {out_of_range[:10]}{' ...' if len(out_of_range) > 10 else ''}")
+    seen: set[int] = set()
+    duplicated = sorted({v for v in values if v in seen or seen.add(v)})  # type: ignore[func-returns-value]
+    if duplicated:
+        raise ValueError(f"{what} has duplicated ids: {duplicated[:10]}{' ...' if len(duplicated) > 10 else ''}")
+    return values
+
+
+def check_choice(value: Any, choices: Iterable[Any], what: str) -> Any:
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{what}={value!r} is not valid; valid choices: {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_positive_int(value: Any, what: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(value: Any, what: str, *, low: float = 0.0, high: float = float("inf"), low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{what} must be a number in {bracket}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" → CUDA when present, else CPU; otherwise a device torch knows and can use."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not valid; use 'auto', 'cpu' or 'cuda[:N]'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for CUDA but none is available; use 'auto' or 'cpu'")
+    return dev
