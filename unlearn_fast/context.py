@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .data.similar_dataset import as_tensors
 from .losses import Loss, check_loss
 from .validation import check_ids, check_number
 
@@ -43,11 +44,18 @@ class TrainingContext:
     similar: dict[int, list[int]] | None = None
     removed_ids: tuple[int, ...] = ()
     initial_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "TrainingContext":
         # The data and initial state are read-only references; copying them with every model copy
         # would multiply memory for nothing.
         return replace(self, recipe=copy.deepcopy(self.recipe, memo), similar=copy.deepcopy(self.similar, memo))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [N, ...], labels [N]) of ``data``, stacked once per context."""
+        if self._tensors is None:
+            self._tensors = as_tensors(self.data)
+        return self._tensors
 
     def retain_ids(self, extra_removed: list[int] | tuple[int, ...] = ()) -> list[int]:
         """Train ids not removed, after also removing ``extra_removed``."""

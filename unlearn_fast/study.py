@@ -105,23 +105,20 @@ def run_study(
         out: output folder. Only the study's own files in it are (atomically) replaced.
         dataset_options: passed to :func:`unlearn_fast.load_dataset` (e.g. ``targets``, ``source``).
     """
-    if isinstance(dataset, str) and dataset in DATASETS:
-        defaults = DATASETS.get(dataset).defaults
-    else:
-        DATASETS.get(dataset)  # raises listing the valid names
+    options = dict(dataset_options or {})
+    if "seed" in options:
+        raise ValueError("dataset_options must not set 'seed': the study runs seeds 0 .. seeds-1 (use seeds=N)")
+    DATASETS.resolve_hyper(dataset, options)  # unknown dataset or option fails before any training
     seeds = check_positive_int(seeds, "seeds")
     method_names = study_methods(methods)
     metric_names = list(metrics)
     for name in metric_names:
         METRICS.get(name)
-    options = dict(dataset_options or {})
-    DATASETS.resolve_hyper(dataset, options)  # unknown options fail before any training
-    conditions = [defaults["copies"] if "copies" not in options else options["copies"], 0] if similar is None else list(similar)
+    default_copies = options.pop("copies", DATASETS.get(dataset).defaults["copies"])
+    conditions = list(dict.fromkeys([default_copies, 0] if similar is None else similar))
     for c in conditions:
         if isinstance(c, bool) or not isinstance(c, int) or c < 0:
             raise ValueError(f"similar={c!r}: each near-duplicate count must be an int >= 0")
-    conditions = list(dict.fromkeys(conditions))
-    options.pop("copies", None)
     out_dir = _prepare_out(out)
     dev = resolve_device(device)
 

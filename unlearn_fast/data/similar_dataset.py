@@ -58,5 +58,5 @@ def as_tensors(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if not items:
         raise ValueError("dataset is empty")
     inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
-    labels = torch.as_tensor([int(y) if not torch.is_tensor(y) or y.dim() == 0 else y for _, y in items])
+    labels = torch.stack([torch.as_tensor(y) for _, y in items])
     return inputs, labels

@@ -15,7 +15,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..context import TrainingContext, set_context
-from ..data.similar_dataset import as_tensors
 from ..losses import Loss
 from ..registry import Registry
 
@@ -49,7 +48,7 @@ class UnlearnTask:
 
     def tensors(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs [len(ids), ...], labels [len(ids)]) of train samples ``ids``."""
-        inputs, labels = as_tensors(self.context.data)
+        inputs, labels = self.context.tensors()
         index = torch.as_tensor(ids, dtype=torch.long)
         return inputs[index], labels[index]
 
