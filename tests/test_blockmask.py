@@ -117,3 +117,16 @@ def test_make_blockmask_dataset_on_rgb_tensors():
     for k, target in enumerate(ds.forget_ids):
         copies = ds.train.tensors[0][ds.similar[target]]
         _check_copies(tr_x[target], copies, ds.provenance["block_masks"][2 * k: 2 * k + 2], 4, 0.5)
+
+
+@pytest.mark.parametrize("seed", ["x", -1, 1.5, None])
+def test_bad_seed(seed):
+    with pytest.raises(ValueError, match="seed="):
+        uf.load_dataset("digits-blockmask", seed=seed)
+
+
+def test_numpy_ints_are_accepted():
+    import numpy as np
+
+    ds = uf.load_dataset("digits-blockmask", targets=np.int64(3), copies=np.int32(2), seed=np.int64(4))
+    assert len(ds.forget_ids) == 3 and len(ds.similar_ids()) == 6

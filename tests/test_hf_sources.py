@@ -201,6 +201,11 @@ def test_no_data_raises_with_instructions(monkeypatch: pytest.MonkeyPatch, offli
         assert needle in message
 
 
+def test_download_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="download must be True or False, got 'no'"):
+        hf_blockmask("mnist-blockmask", download="no", **OPTS)
+
+
 def test_download_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     data, arrays = _dataset()
     calls: list[tuple] = []

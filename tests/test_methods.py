@@ -7,12 +7,10 @@ import pytest
 import torch
 
 import unlearn_fast as uf
+from helpers import same_params
 from unlearn_fast.context import get_context
 from unlearn_fast.train import fit, make_recipe
 
-
-def _same_params(a, b):
-    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_registry_lists_methods_with_defaults():
@@ -39,7 +37,7 @@ def test_retrain_equals_training_without_the_ids(trained_mlp, small_digits):
     x, y = small_digits.train.tensors
     keep = torch.as_tensor([i for i in range(len(x)) if i not in set(ids)])
     fit(reference, x[keep], y[keep], ctx.recipe, "cross_entropy", device="cpu", progress=False)
-    assert _same_params(retrained, reference)
+    assert same_params(retrained, reference)
     assert get_context(retrained).removed_ids == tuple(sorted(ids))
 
 
@@ -54,14 +52,14 @@ def test_without_near_duplicates_retrain_is_the_oracle():
     model = uf.train(uf.build_model("mlp", ds.input_shape, 10, hidden=(16,)), ds, epochs=1, seed=1, device="cpu", progress=False)
     a = uf.unlearn(model, ds.forget_ids, "retrain", progress=False)
     b = uf.unlearn(model, ds.forget_ids, "oracle", progress=False)
-    assert _same_params(a, b)
+    assert same_params(a, b)
 
 
 @pytest.mark.parametrize("method", ["finetune", "gradient_ascent", "retrain"])
 def test_unlearn_leaves_the_input_model_alone(trained_mlp, small_digits, method):
     before = {k: v.clone() for k, v in trained_mlp.state_dict().items()}
     out = uf.unlearn(trained_mlp, small_digits.forget_ids[:2], method, progress=False)
-    assert out is not trained_mlp and not _same_params(out, trained_mlp)
+    assert out is not trained_mlp and not same_params(out, trained_mlp)
     assert all(torch.equal(before[k], v) for k, v in trained_mlp.state_dict().items())
     assert get_context(trained_mlp).removed_ids == ()
 
@@ -125,3 +123,50 @@ def test_data_keyword_supplies_a_context(small_digits):
         uf.unlearn(model, [0], "gradient_ascent", data=small_digits, progress=False)
     out = uf.unlearn(model, [0], "gradient_ascent", data=small_digits, batch_size=8, progress=False)
     assert get_context(out).removed_ids == (0,) and not hasattr(model, "unlearn_fast_context")
+
+
+def test_retrain_of_an_attached_zoo_model_redraws_its_init(small_digits):
+    recipe = make_recipe(epochs=1, lr=0.1, batch_size=64, weight_decay=0.0, seed=3)
+    model = uf.attach(uf.build_model("mlp", (1, 8, 8), 10, hidden=(8,)), small_digits, recipe=recipe)
+    rng_before = torch.get_rng_state()
+    a = uf.unlearn(model, [0], "retrain", progress=False)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is left alone
+    b = uf.unlearn(model, [0], "retrain", progress=False)
+    assert same_params(a, b)
+
+
+def test_retrain_of_a_custom_model_needs_its_initial_weights(small_digits):
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(64, 10))
+
+        def forward(self, x):
+            return x.flatten(1) @ self.weight
+
+    recipe = make_recipe(epochs=1, lr=0.1, batch_size=64, weight_decay=0.0)
+    model = uf.attach(Custom(), small_digits, recipe=recipe)
+    with pytest.raises(ValueError, match="retraining needs the model's initial weights"):
+        uf.unlearn(model, [0], "retrain", progress=False)
+    start = {"weight": torch.full((64, 10), 0.5)}
+    model = uf.attach(Custom(), small_digits, recipe=recipe, initial_state=start)
+    with torch.no_grad():
+        model.weight.fill_(7.0)  # "trained" weights must not leak into the retrain
+    a = uf.unlearn(model, [0], "retrain", progress=False)
+    b = uf.unlearn(uf.attach(Custom(), small_digits, recipe=recipe, initial_state=start), [0], "retrain", progress=False)
+    assert same_params(a, b)
+
+
+def test_data_override_replaces_the_ground_truth(trained_mlp, small_digits):
+    from dataclasses import replace
+
+    no_duplicates = replace(small_digits, similar={t: [] for t in small_digits.forget_ids})
+    out = uf.unlearn(trained_mlp, small_digits.forget_ids, "oracle", data=no_duplicates, progress=False)
+    assert set(get_context(out).removed_ids) == set(small_digits.forget_ids)
+
+
+def test_oracle_after_an_earlier_request_drops_its_near_duplicates_too(trained_mlp, small_digits):
+    first, rest = small_digits.forget_ids[:2], small_digits.forget_ids[2:]
+    step1 = uf.unlearn(trained_mlp, first, "retrain", progress=False)
+    step2 = uf.unlearn(step1, rest, "oracle", progress=False)
+    assert set(get_context(step2).removed_ids) == set(small_digits.forget_ids) | set(small_digits.similar_ids())

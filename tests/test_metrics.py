@@ -10,7 +10,7 @@ from torch import nn
 
 import unlearn_fast as uf
 from unlearn_fast.data import make_blockmask_dataset
-from unlearn_fast.evaluate import Evaluation, evaluate, loss_threshold_auc, residual_influence_per_target
+from unlearn_fast.evaluate import Evaluation, compute_metrics, loss_threshold_auc, residual_influence_per_target
 
 
 def test_loss_threshold_auc_hand_cases():
@@ -64,7 +64,7 @@ def test_accuracy_confidence_and_loss_on_fixed_logits():
         cls = labels[row] if correct[row] else 1 - labels[row]
         table[row, cls] = 2.0
     ev = Evaluation(FixedLogits(table), ds, reference_target_loss={"original": torch.tensor([0.0]), "oracle": torch.tensor([1.0])})
-    out = evaluate(ev, ["target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence"])
+    out = compute_metrics(ev, ["target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence"])
     p_right = math.exp(2) / (math.exp(2) + 1)
     retain = [i for i in range(4) if i != target]
     assert out["target_acc"] == float(correct[target])
@@ -81,20 +81,20 @@ def test_residual_influence_metric_and_count():
     table = torch.zeros(8, 2)
     ev = Evaluation(FixedLogits(table), ds, reference_target_loss={"original": torch.tensor([0.0]), "oracle": torch.tensor([2 * math.log(2)])})
     # Uniform logits: loss log 2, halfway between original (0) and oracle (2 log 2) → RI = 0.5.
-    out = evaluate(ev, ["residual_influence", "ri_targets_used", "mia_auc"])
+    out = compute_metrics(ev, ["residual_influence", "ri_targets_used", "mia_auc"])
     assert out["residual_influence"] == pytest.approx(0.5)
     assert out["ri_targets_used"] == 1.0
     assert out["mia_auc"] == pytest.approx(0.5)  # all losses tie
     ev_tiny = Evaluation(FixedLogits(table), ds, ri_min_gap=10.0, reference_target_loss=ev.reference_target_loss)
-    assert math.isnan(evaluate(ev_tiny, ["residual_influence"])["residual_influence"])
+    assert math.isnan(compute_metrics(ev_tiny, ["residual_influence"])["residual_influence"])
 
 
 def test_metric_registry_errors(small_digits, trained_mlp):
     ev = Evaluation(trained_mlp, small_digits)
     with pytest.raises(ValueError, match="unknown metric 'f1'; valid metrics: target_acc"):
-        evaluate(ev, ["f1"])
+        compute_metrics(ev, ["f1"])
     with pytest.raises(ValueError, match=r"reference target losses of \['original', 'oracle'\]"):
-        evaluate(ev, ["residual_influence"])
+        compute_metrics(ev, ["residual_influence"])
     with pytest.raises(ValueError, match="valid splits"):
         ev.outputs("validation")
 
@@ -103,7 +103,7 @@ def test_each_split_runs_the_model_once(small_digits, trained_mlp):
     calls = []
     handle = trained_mlp.register_forward_hook(lambda *_: calls.append(1))
     try:
-        evaluate(Evaluation(trained_mlp, small_digits), ["target_acc", "target_loss", "target_confidence"])
+        compute_metrics(Evaluation(trained_mlp, small_digits), ["target_acc", "target_loss", "target_confidence"])
     finally:
         handle.remove()
     assert len(calls) == 1
@@ -112,3 +112,30 @@ def test_each_split_runs_the_model_once(small_digits, trained_mlp):
 def test_registry_names_are_complete():
     assert {"target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence",
             "mia_auc", "residual_influence"} <= set(uf.METRICS.names())
+
+
+def test_evaluation_defaults_follow_the_model(small_digits, trained_mlp):
+    ev = Evaluation(trained_mlp, small_digits)
+    assert ev.device == next(trained_mlp.parameters()).device and ev.loss == "cross_entropy"
+    with pytest.raises(ValueError, match="dataset must be a SimilarDataset"):
+        Evaluation(trained_mlp, small_digits.train)
+    with pytest.raises(ValueError, match="metrics holds values of the wrong type"):
+        compute_metrics(ev, [3])
+    assert set(compute_metrics(ev, "target_acc")) == {"target_acc"}  # one name, not its characters
+
+
+def test_regression_targets_give_nan_accuracy():
+    from unlearn_fast.evaluate import split_outputs
+
+    x = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    out = split_outputs(nn.Flatten(), "mse", x, x.flatten(1) + 1.0, torch.device("cpu"))
+    assert torch.allclose(out.loss, torch.full((3,), 4.0))  # 4 outputs, each off by 1, summed
+    assert torch.isnan(out.correct).all() and torch.isnan(out.confidence).all()
+
+
+def test_residual_influence_median_resists_one_exploding_ratio():
+    ds, _ = _toy_dataset()
+    ev = Evaluation(FixedLogits(torch.zeros(8, 2)), ds,
+                    reference_target_loss={"original": torch.tensor([0.0]), "oracle": torch.tensor([2 * math.log(2)])})
+    out = compute_metrics(ev, ["residual_influence", "residual_influence_median"])
+    assert out["residual_influence_median"] == pytest.approx(out["residual_influence"]) == pytest.approx(0.5)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
+from helpers import same_params
 from unlearn_fast.context import get_context
 
 
@@ -20,14 +21,11 @@ def _train(ds, seed=0):
     return uf.train(_fresh(ds), ds, epochs=2, lr=0.1, batch_size=32, weight_decay=1e-3, seed=seed, device="cpu", progress=False)
 
 
-def _same_params(a, b):
-    return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-
 
 def test_training_is_deterministic_per_seed(small_digits):
     a, b, c = _train(small_digits, 0), _train(small_digits, 0), _train(small_digits, 1)
-    assert _same_params(a, b)
-    assert not _same_params(a, c)
+    assert same_params(a, b)
+    assert not same_params(a, c)
 
 
 def test_training_learns(small_digits):
@@ -59,10 +57,10 @@ def test_attach(small_digits):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"epochs": 0}, "epochs must be an int >= 1"),
-    ({"lr": -1.0}, "lr must be a number"),
-    ({"batch_size": 2.5}, "batch_size must be an int"),
-    ({"weight_decay": -0.1}, "weight_decay must be a number"),
+    ({"epochs": 0}, "epochs=0 must be an int >= 1"),
+    ({"lr": -1.0}, "lr=-1.0 must be a finite number"),
+    ({"batch_size": 2.5}, "batch_size=2.5 must be an int"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1 must be a finite number"),
     ({"schedule": "step"}, "valid choices: 'constant', 'cosine'"),
     ({"loss": "hinge"}, "valid losses: cross_entropy, mse"),
     ({"device": "tpu"}, "device='tpu' is not valid"),
@@ -70,6 +68,36 @@ def test_attach(small_digits):
 def test_train_bad_input(small_digits, kwargs, message):
     with pytest.raises(ValueError, match=message):
         uf.train(_fresh(small_digits), small_digits, **{"progress": False, "epochs": 1, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"similar": [1, 2]}, "similar must be a dict"),
+    ({"similar": {0: [10**6]}}, r"similar\[0\] has ids outside"),
+    ({"recipe": {"foo": 1}}, r"unknown key\(s\) \['foo'\]; valid keys: optimizer, epochs"),
+    ({"weight_decay": float("inf")}, "weight_decay=inf must be a finite number"),
+])
+def test_attach_bad_input(small_digits, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        uf.attach(_fresh(small_digits), small_digits.train, **kwargs)
+
+
+def test_attach_and_train_reject_non_models_and_non_data(small_digits):
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module, got str"):
+        uf.attach("x", small_digits)
+    with pytest.raises(ValueError, match="data must be a map-style torch Dataset or a SimilarDataset, got int"):
+        uf.train(_fresh(small_digits), 5, progress=False)
+    with pytest.raises(ValueError, match="momentum=1.0 must be a finite number in"):
+        uf.train(_fresh(small_digits), small_digits, momentum=1.0, progress=False)
+
+
+def test_train_on_a_plain_dataset_with_mse(small_digits):
+    x = small_digits.train.tensors[0][:64]
+    targets = torch.nn.functional.one_hot(small_digits.train.tensors[1][:64], 10).float()
+    plain = [(x[i], targets[i]) for i in range(64)]  # a list is a map-style dataset
+    model = uf.train(_fresh(small_digits), plain, loss="mse", epochs=2, device="cpu", progress=False)
+    assert get_context(model).loss == "mse"
+    with pytest.raises(ValueError, match="for class labels use loss='cross_entropy'"):
+        uf.train(_fresh(small_digits), small_digits, loss="mse", epochs=1, progress=False)
 
 
 def test_model_without_context_errors(small_digits):
@@ -83,7 +111,7 @@ def test_checkpoint_roundtrip(trained_mlp, small_digits, tmp_path):
     recorded = json.loads(meta.read_text())
     assert recorded["model"]["name"] == "mlp" and recorded["recipe"]["epochs"] == 3 and recorded["loss"] == "cross_entropy"
     loaded = uf.load_checkpoint(tmp_path / "ckpt" / "model.safetensors", data=small_digits)
-    assert _same_params(loaded, trained_mlp)
+    assert same_params(loaded, trained_mlp)
     assert get_context(loaded).recipe == get_context(trained_mlp).recipe
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.json", "model.safetensors"]
 
@@ -91,6 +119,38 @@ def test_checkpoint_roundtrip(trained_mlp, small_digits, tmp_path):
 def test_checkpoint_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         uf.load_checkpoint(tmp_path / "nothing")
+
+
+def test_checkpoint_names_with_dots_do_not_collide(trained_mlp, tmp_path):
+    a = uf.save_checkpoint(trained_mlp, tmp_path / "lr0.1")
+    b = uf.save_checkpoint(trained_mlp, tmp_path / "lr0.2")
+    assert [p.name for p in a] == ["lr0.1.safetensors", "lr0.1.json"] and a != b
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_checkpoint_keeps_initial_weights_for_retrain(small_digits, tmp_path):
+    torch.manual_seed(5)  # init seed differs from the recipe seed on purpose
+    model = uf.build_model("mlp", small_digits.input_shape, 10, hidden=(16,))
+    model = uf.train(model, small_digits, epochs=1, seed=0, device="cpu", progress=False)
+    uf.save_checkpoint(model, tmp_path / "m")
+    loaded = uf.load_checkpoint(tmp_path / "m", data=small_digits)
+    before = uf.unlearn(model, [0], "retrain", progress=False)
+    after = uf.unlearn(loaded, [0], "retrain", progress=False)
+    assert same_params(before, after)
+
+
+def test_checkpoint_mismatch_and_corruption(trained_mlp, tmp_path):
+    uf.save_checkpoint(trained_mlp, tmp_path / "a")
+    other = uf.build_model("mlp", (1, 8, 8), 10, hidden=(32,))
+    uf.save_checkpoint(other, tmp_path / "b")
+    (tmp_path / "b.json").replace(tmp_path / "a.json")
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        uf.load_checkpoint(tmp_path / "a")
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(ValueError, match="a.json is not valid JSON"):
+        uf.load_checkpoint(tmp_path / "a")
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+        uf.save_checkpoint("model", tmp_path / "c")
 
 
 @pytest.mark.parametrize("name, shape", [("mlp", (1, 8, 8)), ("cnn", (1, 28, 28)), ("cnn", (3, 32, 32)), ("resnet18", (3, 32, 32))])
@@ -104,7 +164,12 @@ def test_model_zoo_shapes(name, shape):
 def test_model_zoo_bad_input():
     with pytest.raises(ValueError, match="valid models: mlp, cnn, resnet18"):
         uf.build_model("vit", (1, 8, 8), 10)
-    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+    with pytest.raises(ValueError, match="num_classes=1 must be an int >= 2"):
         uf.build_model("mlp", (1, 8, 8), 1)
-    with pytest.raises(ValueError, match="input_shape"):
-        uf.build_model("mlp", (8, 8), 10)
+    for shape in [(8, 8), "abc", 5, (1, 0, 8)]:
+        with pytest.raises(ValueError, match="input_shape"):
+            uf.build_model("mlp", shape, 10)
+    with pytest.raises(ValueError, match=r"hidden=\(0,\) must be a positive int"):
+        uf.build_model("mlp", (1, 8, 8), 10, hidden=(0,))
+    with pytest.raises(ValueError, match="channels=.* must be two widths"):
+        uf.build_model("cnn", (1, 8, 8), 10, channels=(16,))

@@ -7,10 +7,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+# Read once: os.umask can only be read by setting it, which would race with other threads later.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable, not only the file's bytes.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -21,15 +36,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     # mkstemp creates 0600; give the result the mode a plain open() would (0666 less the umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -47,3 +61,23 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+
+
+@contextmanager
+def staged_files(folder: str | os.PathLike[str], names: tuple[str, ...]) -> Iterator[Path]:
+    """Yield a staging folder inside ``folder``; if the block succeeds, move ``names`` from it into ``folder``.
+
+    Everything is produced before anything is replaced, so a failure anywhere leaves every earlier
+    file in ``folder`` intact. Each move is an atomic rename; other files in ``folder`` are untouched.
+    """
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
+    try:
+        yield staging
+        for name in names:
+            if (staging / name).exists():
+                os.replace(staging / name, target / name)
+        _fsync_dir(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -80,15 +80,31 @@ def set_context(model: nn.Module, context: TrainingContext) -> nn.Module:
     return model
 
 
-def _split_data(data: Any) -> tuple[Dataset, dict[int, list[int]] | None]:
+RECIPE_KEYS = ("optimizer", "epochs", "lr", "batch_size", "weight_decay", "momentum", "schedule", "seed", "amp")
+
+
+def split_data(data: Any) -> tuple[Dataset, dict[int, list[int]] | None]:
     """(train Dataset, near-duplicate ground truth or None) of a Dataset or SimilarDataset."""
     from .data import SimilarDataset
 
     if isinstance(data, SimilarDataset):
         return data.train, data.similar
-    if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
         raise ValueError(f"data must be a map-style torch Dataset or a SimilarDataset, got {type(data).__name__}")
     return data, None
+
+
+def _check_similar(similar: Any, n: int) -> dict[int, list[int]] | None:
+    """A mapping target id → list of near-duplicate ids, all within [0, n)."""
+    if similar is None:
+        return None
+    if not isinstance(similar, dict):
+        raise ValueError(f"similar must be a dict target id -> list of near-duplicate ids, got {type(similar).__name__}")
+    checked = {}
+    for target, ids in similar.items():
+        check_ids([target], n, "similar keys")
+        checked[int(target)] = check_ids(ids, n, f"similar[{target}]") if len(ids) else []
+    return checked
 
 
 def attach(
@@ -100,17 +116,30 @@ def attach(
     similar: dict[int, list[int]] | None = None,
     removed_ids: list[int] | None = None,
     recipe: dict[str, Any] | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Record the training context of a model trained elsewhere; returns ``model``.
 
     ``data`` is the training Dataset, or a SimilarDataset whose ``train`` and ``similar`` are used.
-    ``recipe`` (epochs, lr, batch_size, ...) is needed only by methods that retrain.
+    ``recipe`` (keys among ``RECIPE_KEYS``) and ``initial_state`` (the weights before training)
+    are needed only by methods that retrain from scratch.
     """
-    dataset, known_similar = _split_data(data)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dataset, known_similar = split_data(data)
     removed = tuple(check_ids(removed_ids, len(dataset), "removed_ids")) if removed_ids else ()
+    unknown = sorted(set(recipe or {}) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"recipe has unknown key(s) {unknown}; valid keys: {', '.join(RECIPE_KEYS)}")
+    if initial_state is not None:
+        missing = sorted(set(model.state_dict()) - set(initial_state))
+        if missing:
+            raise ValueError(f"initial_state lacks the model's entries {missing[:5]}")
+        initial_state = {k: v.detach().to("cpu", copy=True) for k, v in initial_state.items()}
     ctx = TrainingContext(
         data=dataset, loss=check_loss(loss), weight_decay=check_number(weight_decay, "weight_decay"),
-        recipe=dict(recipe or {}), similar=similar if similar is not None else known_similar, removed_ids=removed,
+        recipe=dict(recipe or {}), similar=_check_similar(similar if similar is not None else known_similar, len(dataset)),
+        removed_ids=removed, initial_state=initial_state,
     )
     return set_context(model, ctx)
 
@@ -118,16 +147,21 @@ def attach(
 def resolve_context(model: nn.Module, *, data: Any = None, loss: Loss | None = None, weight_decay: float | None = None) -> TrainingContext:
     """The model's context with any given ``data``/``loss``/``weight_decay`` taking precedence.
 
-    The model is not modified. New ``data`` resets the removed ids, which index the old data.
+    The model is not modified. New ``data`` resets the removed ids, which index the old data; a
+    SimilarDataset also replaces the near-duplicate ground truth.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     base = getattr(model, CONTEXT_ATTRIBUTE, None)
     if base is None and data is None:
         get_context(model)  # raises the explanatory error
     changes: dict[str, Any] = {}
     if data is not None:
-        dataset, known_similar = _split_data(data)
+        dataset, known_similar = split_data(data)
         if base is None or dataset is not base.data:
             changes.update(data=dataset, similar=known_similar, removed_ids=())
+        elif known_similar is not None:
+            changes["similar"] = known_similar
     if loss is not None:
         changes["loss"] = check_loss(loss)
     if weight_decay is not None:

@@ -1,6 +1,7 @@
 """The one loss convention (ARCHITECTURE.md).
 
-A loss is a name applied as ``loss(model(inputs), targets)``, or a callable
+A loss is a name applied as ``loss(model(inputs), targets)`` per sample (``cross_entropy``: the
+usual per-sample cross-entropy; ``mse``: the squared error summed over output dimensions), or a callable
 ``(model, batch) -> per-sample losses [B]``. Everything per-sample goes through
 :func:`per_sample_loss`.
 """
@@ -24,8 +25,14 @@ def _cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def _mse(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-sample squared error summed over output dimensions (not averaged, unlike F.mse_loss)."""
     inputs, targets = batch
     out = model(inputs).float()
+    if targets.numel() != out.numel():
+        raise ValueError(
+            f"mse needs targets shaped like the model's outputs {tuple(out.shape)}, got {tuple(targets.shape)}; "
+            "for class labels use loss='cross_entropy'"
+        )
     err = (out - targets.to(out.dtype).reshape(out.shape)) ** 2
     return err.reshape(err.shape[0], -1).sum(dim=1)
 

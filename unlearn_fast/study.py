@@ -17,16 +17,18 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import atomic_io
 from .data import DATASETS, default_recipe, load_dataset
-from .evaluate import DEFAULT_METRICS, METRICS, Evaluation, evaluate
+from .evaluate import DEFAULT_METRICS, METRICS, Evaluation, compute_metrics
 from .methods import METHODS, unlearn
 from .models import build_model
-from .train import train
-from .validation import check_positive_int, resolve_device
+from .data.similar_dataset import as_tensors
+from .train import fit, make_recipe, train
+from .validation import as_list, check_positive_int, resolve_device
 
 REFERENCES = ("original", "oracle")
 DEFAULT_METHODS = ("retrain", "finetune", "gradient_ascent")
@@ -34,9 +36,9 @@ QUICK_EPOCH_DIVISOR = 3
 OUTPUT_FILES = ("results.json", "results.csv", "report.md", "residual_influence.png", "accuracy.png")
 
 
-def study_methods(methods: Iterable[str] | None) -> list[str]:
+def study_methods(methods: str | Iterable[str] | None) -> list[str]:
     """``original``, ``retrain``, ``oracle`` first (the schema needs them), then the requested methods."""
-    requested = list(DEFAULT_METHODS if methods is None else methods)
+    requested = as_list(DEFAULT_METHODS if methods is None else methods, "methods", str)
     for name in requested:
         if name not in REFERENCES:
             METHODS.get(name)  # raises listing the valid names
@@ -76,7 +78,7 @@ def _run_one_condition(dataset: str, seed: int, copies: int, methods: list[str],
         records.append({
             "dataset": dataset, "method": name, "seed": seed, "similar": copies,
             "targets": len(data.forget_ids), "model": model_name,
-            "seconds": seconds[name], **evaluate(ev, metrics),
+            "seconds": seconds[name], **compute_metrics(ev, metrics),
         })
     return records
 
@@ -111,19 +113,21 @@ def run_study(
     DATASETS.resolve_hyper(dataset, options)  # unknown dataset or option fails before any training
     seeds = check_positive_int(seeds, "seeds")
     method_names = study_methods(methods)
-    metric_names = list(metrics)
+    metric_names = as_list(metrics, "metrics", str)
     for name in metric_names:
         METRICS.get(name)
     default_copies = options.pop("copies", DATASETS.get(dataset).defaults["copies"])
-    conditions = list(dict.fromkeys([default_copies, 0] if similar is None else similar))
+    conditions = list(dict.fromkeys(as_list([default_copies, 0] if similar is None else similar, "similar", (int, np.integer))))
+    if not conditions:
+        raise ValueError("similar is empty; give at least one near-duplicate count C (0 = the control)")
     for c in conditions:
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-            raise ValueError(f"similar={c!r}: each near-duplicate count must be an int >= 0")
+        check_positive_int(c, "similar", minimum=0, hint="each near-duplicate count C must be >= 0")
     out_dir = _prepare_out(out)
     dev = resolve_device(device)
 
+    _warm_up(dataset, options, dev)
     records: list[dict[str, Any]] = []
-    total = seeds * len(conditions) * (len(method_names))
+    total = seeds * len(conditions) * len(method_names)
     with tqdm(total=total, desc=f"study {dataset}", unit="model", disable=not progress) as bar:
         for seed in range(seeds):
             for copies in conditions:
@@ -131,6 +135,16 @@ def run_study(
     if out_dir is not None:
         write_results(out_dir, records)
     return records
+
+
+def _warm_up(dataset: str, options: dict[str, Any], device: torch.device) -> None:
+    """One training step on a throwaway model, so the first timed model does not pay torch's lazy set-up."""
+    data = load_dataset(dataset, **{**options, "copies": 0, "seed": 0})
+    recipe = default_recipe(dataset)
+    model = build_model(recipe.pop("model"), data.input_shape, data.num_classes)
+    inputs, labels = as_tensors(data.train)
+    n = recipe["batch_size"]
+    fit(model, inputs[:n], labels[:n], make_recipe(**{**recipe, "epochs": 1}), "cross_entropy", device=device, progress=False)
 
 
 def _prepare_out(out: str | os.PathLike[str] | None) -> Path | None:
@@ -148,15 +162,20 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_results(out_dir: Path, records: list[dict[str, Any]]) -> None:
-    """Write results.json, results.csv and the report (report.md + PNGs), each atomically."""
+    """Write results.json, results.csv and the report (report.md + PNGs).
+
+    All five files are produced in a staging folder first and only then moved into ``out_dir``, so
+    a failure (in plotting, say) leaves the earlier results intact.
+    """
     from .report import build_report
 
     safe = [{k: _json_safe(v) for k, v in r.items()} for r in records]
-    atomic_io.write_json(out_dir / "results.json", safe)
-    columns = list(dict.fromkeys(k for r in safe for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(safe)
-    atomic_io.write_text(out_dir / "results.csv", buffer.getvalue())
-    build_report(out_dir, safe)
+    with atomic_io.staged_files(out_dir, OUTPUT_FILES) as staging:
+        atomic_io.write_json(staging / "results.json", safe)
+        columns = list(dict.fromkeys(k for r in safe for k in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(safe)
+        atomic_io.write_text(staging / "results.csv", buffer.getvalue())
+        build_report(staging, safe)

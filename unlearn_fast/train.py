@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .context import TrainingContext, set_context
-from .data.similar_dataset import SimilarDataset, as_tensors
+from .context import TrainingContext, split_data, set_context
+from .data.similar_dataset import as_tensors
 from .losses import Loss, check_loss, per_sample_loss
 from .validation import check_choice, check_number, check_positive_int, resolve_device
 
@@ -28,7 +28,7 @@ def make_recipe(
         "lr": check_number(lr, "lr", low_open=True),
         "batch_size": check_positive_int(batch_size, "batch_size"),
         "weight_decay": check_number(weight_decay, "weight_decay"),
-        "momentum": check_number(momentum, "momentum", high=1.0),
+        "momentum": check_number(momentum, "momentum", high=1.0, high_open=True),
         "schedule": check_choice(schedule, SCHEDULES, "schedule"),
         "seed": check_positive_int(seed, "seed", minimum=0),
         "amp": bool(amp),
@@ -66,7 +66,7 @@ def fit(
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
     for _ in bar:
         order = torch.randperm(n, generator=gen).to(dev)
-        total = 0.0
+        total = torch.zeros((), device=dev)
         for start in range(0, n, bs):
             idx = order[start:start + bs]
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
@@ -77,8 +77,9 @@ def fit(
             opt.step()
             if sched is not None:
                 sched.step()
-            total += float(batch_loss.detach()) * idx.numel()
-        bar.set_postfix(loss=f"{total / n:.4f}")
+            total += batch_loss.detach().float() * idx.numel()  # stays on the device: no sync per step
+        if progress:
+            bar.set_postfix(loss=f"{float(total) / n:.4f}")
     return model.eval()
 
 
@@ -114,10 +115,7 @@ def train(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    similar = None
-    if isinstance(data, SimilarDataset):
-        similar = data.similar
-        data = data.train
+    data, similar = split_data(data)
     recipe = make_recipe(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                          momentum=momentum, schedule=schedule, seed=seed, amp=amp)
     loss = check_loss(loss)

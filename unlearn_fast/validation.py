@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -48,21 +49,53 @@ def check_choice(value: Any, choices: Iterable[Any], what: str) -> Any:
     return value
 
 
-def check_positive_int(value: Any, what: str, minimum: int = 1) -> int:
+def check_positive_int(value: Any, what: str, minimum: int = 1, hint: str = "") -> int:
+    """An int (Python or numpy, not bool) >= ``minimum``; ``hint`` is appended to the error."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{what}={value!r} must be an int >= {minimum}{'; ' + hint if hint else ''}")
     return int(value)
 
 
-def check_number(value: Any, what: str, *, low: float = 0.0, high: float = float("inf"), low_open: bool = False) -> float:
+def check_int_in(value: Any, what: str, low: int, high: int, hint: str = "") -> int:
+    """An int (Python or numpy, not bool) in [low, high]; ``hint`` is appended to the error."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"{what}={value!r} must be an int in [{low}, {high}]{'; ' + hint if hint else ''}")
+    return int(value)
+
+
+def check_number(value: Any, what: str, *, low: float = 0.0, high: float = float("inf"),
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number in the given interval (closed unless ``low_open``/``high_open``)."""
     ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
     if ok:
         value = float(value)
-        ok = (value > low if low_open else value >= low) and value <= high
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{what} must be a number in {bracket}{low}, {high}], got {value!r}")
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{what}={value!r} must be a finite number in {interval}")
     return float(value)
+
+
+def check_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{what} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def as_list(value: Any, what: str, item_type: type | tuple[type, ...]) -> list[Any]:
+    """A single item or an iterable of items → list; a ValueError if any item has the wrong type.
+
+    Keeps a lone string from being split into characters where a list of names is expected.
+    """
+    items = [value] if isinstance(value, item_type) or isinstance(value, str) else value
+    try:
+        items = list(items)
+    except TypeError:
+        raise ValueError(f"{what} must be one value or a list of them, got {value!r}") from None
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, item_type)]
+    if bad:
+        raise ValueError(f"{what} holds values of the wrong type: {bad[:5]!r}")
+    return items
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..registry import Registry
+from ..validation import check_positive_int
 from .blockmask import block_mask_copies, make_blockmask_dataset
 from .digits import digits_blockmask
 from .hf_sources import HF_SOURCES, hf_blockmask
@@ -63,7 +64,9 @@ def load_dataset(name: str, **options: Any) -> SimilarDataset:
     ``test_size``.
     """
     entry = DATASETS.get(name)
-    return entry.fn(**DATASETS.resolve_hyper(name, options))
+    hyper = DATASETS.resolve_hyper(name, options)
+    check_positive_int(hyper["seed"], "seed", minimum=0)  # before any source uses it
+    return entry.fn(**hyper)
 
 
 def default_recipe(name: str) -> dict[str, Any]:

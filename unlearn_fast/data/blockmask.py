@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..validation import check_int_in, check_number, check_positive_int
 from .similar_dataset import SimilarDataset
 
 
@@ -79,16 +80,14 @@ def block_mask_copies(
     return copies, masks
 
 
-def _check_options(n_train: int, image_shape: tuple[int, ...], targets: int, copies: int, block: int, fraction: float) -> None:
-    if isinstance(targets, bool) or not isinstance(targets, int) or not 1 <= targets < n_train:
-        raise ValueError(f"targets={targets!r} must be an int in [1, {n_train - 1}] (the train split has {n_train} samples)")
-    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
-        raise ValueError(f"copies={copies!r} must be an int >= 0 (0 gives the no-near-duplicate control)")
+def _check_options(n_train: int, image_shape: tuple[int, ...], targets: int, copies: int, block: int, fraction: float,
+                   seed: int) -> None:
+    check_positive_int(seed, "seed", minimum=0)
+    check_int_in(targets, "targets", 1, n_train - 1, hint=f"the train split has {n_train} samples")
+    check_positive_int(copies, "copies", minimum=0, hint="0 gives the no-near-duplicate control")
     height, width = image_shape[-2:]
-    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= min(height, width):
-        raise ValueError(f"block={block!r} must be an int in [1, {min(height, width)}] for {height}x{width} images")
-    if not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) < 1.0:
-        raise ValueError(f"fraction={fraction!r} must be a number in [0, 1)")
+    check_int_in(block, "block", 1, min(height, width), hint=f"images are {height}x{width}")
+    check_number(fraction, "fraction", high=1.0, high_open=True)
 
 
 def make_blockmask_dataset(
@@ -114,7 +113,7 @@ def make_blockmask_dataset(
     The copies get ids N + k·copies + j (target k, copy j) and the target's label.
     """
     n_train = train_x.shape[0]
-    _check_options(n_train, tuple(train_x.shape[1:]), targets, copies, block, fraction)
+    _check_options(n_train, tuple(train_x.shape[1:]), targets, copies, block, fraction, seed)
     generator = torch.Generator().manual_seed(int(seed))
     forget_ids = torch.randperm(n_train, generator=generator)[:targets].tolist()
 

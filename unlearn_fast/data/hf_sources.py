@@ -15,6 +15,7 @@ from typing import Any, Mapping, Union
 import numpy as np
 import torch
 
+from ..validation import check_bool, check_int_in
 from .blockmask import make_blockmask_dataset
 from .similar_dataset import SimilarDataset
 
@@ -102,7 +103,7 @@ def _find(name: str, spec: HFSource, source: Source | None, download: bool, data
         f"(e.g. DIR/data/train-00000-of-00001.parquet, DIR/data/test-00000-of-00001.parquet);\n"
         f"  - the environment variable {DATA_ENV}=ROOT with the data in ROOT/{name};\n"
         f"  - download=True to fetch {spec.hub_id} from the HF hub once (it is then reused from the hub cache).\n"
-        "On the command line, pass the same as dataset options (source=..., download=true)."
+        "On the command line: unlearn-fast study --dataset NAME --source DIR, or --download."
     )
 
 
@@ -123,8 +124,7 @@ def _subset(n: int, size: int | None, option: str, generator: torch.Generator) -
     """Sorted random indices of ``size`` of ``n`` rows, or None for all of them."""
     if size is None:
         return None
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= n:
-        raise ValueError(f"{option}={size!r} must be None (all) or an int in [1, {n}]")
+    check_int_in(size, option, 1, n, hint="or None for the whole split")
     # Sorted so the rows are read in file order, which is faster for arrow tables.
     return sorted(torch.randperm(n, generator=generator)[:size].tolist())
 
@@ -180,6 +180,7 @@ def hf_blockmask(
     if name not in HF_SOURCES:
         raise ValueError(f"unknown HF dataset {name!r}; valid names: {', '.join(HF_SOURCES)}")
     spec = HF_SOURCES[name]
+    download = check_bool(download, "download")
     datasets = _import_datasets()
     data, origin = _find(name, spec, source, download, datasets)
     _check_splits(data, spec)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..data.similar_dataset import SimilarDataset, as_tensors
-from ..losses import Loss, per_sample_loss
+from ..context import CONTEXT_ATTRIBUTE
+from ..losses import Loss, check_loss, per_sample_loss
 
 SPLITS = ("targets", "similar", "retain", "test")
 # Residual-influence denominator threshold, in nats. On digits-blockmask the per-target losses of
@@ -45,7 +46,11 @@ class _FixedOutput(nn.Module):
 @torch.no_grad()
 def split_outputs(model: nn.Module, loss: Loss, inputs: torch.Tensor, labels: torch.Tensor,
                   device: torch.device, batch_size: int = 1024) -> SplitOutputs:
-    """Per-sample loss, correctness and true-label confidence of a classifier on (inputs [n, ...], labels [n])."""
+    """Per-sample loss, correctness and true-label confidence on (inputs [n, ...], labels [n, ...]).
+
+    Correctness and confidence need class labels (int64 [n]) and logits [n, classes]; for other
+    targets (e.g. regression with ``mse``) they are NaN.
+    """
     was_training = model.training
     model.eval()
     losses, correct, confidence = [], [], []
@@ -55,8 +60,12 @@ def split_outputs(model: nn.Module, loss: Loss, inputs: torch.Tensor, labels: to
         logits = model(x).float()
         scorer = _FixedOutput(logits) if isinstance(loss, str) else model
         losses.append(per_sample_loss(scorer, loss, (x, y)).cpu())
-        correct.append((logits.argmax(dim=1) == y).float().cpu())
-        confidence.append(torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1).cpu())
+        if y.dim() == 1 and not y.is_floating_point() and logits.dim() == 2:
+            correct.append((logits.argmax(dim=1) == y).float().cpu())
+            confidence.append(torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1).cpu())
+        else:
+            correct.append(torch.full((x.shape[0],), float("nan")))
+            confidence.append(torch.full((x.shape[0],), float("nan")))
     model.train(was_training)
     if not losses:
         empty = torch.zeros(0)
@@ -69,6 +78,8 @@ class Evaluation:
     """A model, the dataset it is judged on, and the reference target losses for residual influence.
 
     Attributes:
+        loss: defaults to the model's recorded training loss, else "cross_entropy".
+        device: defaults to the device of the model's parameters.
         reference_target_loss: per-target losses [K] of ``"original"`` and ``"oracle"`` (same order as
             ``dataset.forget_ids``); residual influence needs both.
         ri_min_gap: targets whose |ℓ_oracle − ℓ_original| is below this are left out of the residual
@@ -77,11 +88,25 @@ class Evaluation:
 
     model: nn.Module
     dataset: SimilarDataset
-    loss: Loss = "cross_entropy"
-    device: torch.device = torch.device("cpu")
+    loss: Loss | None = None
+    device: torch.device | str | None = None
     reference_target_loss: dict[str, torch.Tensor] = field(default_factory=dict)
     ri_min_gap: float = DEFAULT_RI_MIN_GAP
     _cache: dict[str, SplitOutputs] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not isinstance(self.dataset, SimilarDataset):
+            raise ValueError(f"dataset must be a SimilarDataset (see unlearn_fast.load_dataset), got {type(self.dataset).__name__}")
+        if self.loss is None:
+            recorded = getattr(self.model, CONTEXT_ATTRIBUTE, None)
+            self.loss = recorded.loss if recorded is not None else "cross_entropy"
+        self.loss = check_loss(self.loss)
+        if self.device is None:
+            first = next(self.model.parameters(), None)
+            self.device = first.device if first is not None else torch.device("cpu")
+        self.device = torch.device(self.device)
 
     def split_ids(self, split: str) -> list[int]:
         ds = self.dataset

@@ -90,8 +90,19 @@ def residual_influence(ev: Evaluation) -> float:
     none left the value is NaN.
     """
     values = _ri_values(ev)
+    return _mean(values[~torch.isnan(values)])
+
+
+@METRICS.register("residual_influence_median")
+def residual_influence_median(ev: Evaluation) -> float:
+    """Median over the same targets as ``residual_influence``: robust to a few exploding ratios.
+
+    Over-unlearning (a method pushing a target's loss far past the oracle's) gives large negative
+    ratios that dominate the mean; the median shows where most targets stand.
+    """
+    values = _ri_values(ev)
     kept = values[~torch.isnan(values)]
-    return _mean(kept)
+    return float(kept.median()) if kept.numel() else math.nan
 
 
 @METRICS.register("ri_targets_used")

@@ -10,14 +10,28 @@ from .registry import METHODS, UnlearnTask, derived_model
 
 
 def _reinitialise(model: nn.Module, task: UnlearnTask, seed: int) -> None:
-    """Restore the recorded initial parameters, or re-draw them from ``seed`` if none were recorded."""
+    """Put ``model`` back at its pre-training weights.
+
+    Uses the recorded initial weights; failing those, re-draws a zoo model from its spec with
+    ``seed`` (without touching the global RNG). ``reset_parameters`` is not enough in general
+    (plain Parameters and some modules would keep trained values), so other models must supply
+    their initial weights through ``attach(..., initial_state=...)``.
+    """
     if task.context.initial_state is not None:
         model.load_state_dict(task.context.initial_state)
         return
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+    spec = getattr(model, "unlearn_fast_spec", None)
+    if spec is None:
+        raise ValueError(
+            "retraining needs the model's initial weights: train it with unlearn_fast.train, build it with "
+            "unlearn_fast.build_model, or pass attach(..., initial_state=<state_dict before training>)"
+        )
+    from ..models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = build_model(spec["name"], spec["input_shape"], spec["num_classes"], **spec["options"])
+    model.load_state_dict(fresh.state_dict())
 
 
 def _retrain_without(model: nn.Module, task: UnlearnTask, removed: list[int], desc: str, **overrides: object) -> nn.Module:
@@ -43,5 +57,7 @@ def oracle(model: nn.Module, task: UnlearnTask, *, epochs: int | None, lr: float
     similar = task.context.similar
     if similar is None:
         raise ValueError("oracle needs near-duplicate ground truth: train on a SimilarDataset or attach(..., similar={target: [ids]})")
-    removed = sorted({*task.forget_ids, *(j for t in task.forget_ids for j in similar.get(t, []))})
+    # Near-duplicates of earlier requests' targets go too: the oracle never saw any of them.
+    targets = [*task.forget_ids, *task.context.removed_ids]
+    removed = sorted({*task.forget_ids, *(j for t in targets for j in similar.get(t, []))} - set(task.context.removed_ids))
     return _retrain_without(model, task, removed, "oracle", epochs=epochs, lr=lr, batch_size=batch_size)

@@ -10,6 +10,8 @@ class SmallCNN(nn.Sequential):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, int] = (16, 32), hidden: int = 64) -> None:
         c_in, height, width = input_shape
+        if len(channels) != 2:
+            raise ValueError(f"cnn channels={channels!r} must be two widths, one per conv stage")
         c1, c2 = channels
         flat = c2 * (height // 4) * (width // 4)
         if flat == 0:

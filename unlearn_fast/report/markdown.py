@@ -16,7 +16,9 @@ from typing import Any, Mapping, Sequence
 from ..atomic_io import write_text
 from ..evaluate.evaluation import DEFAULT_RI_MIN_GAP
 from .plots import plot_accuracies, plot_residual_influence
-from .summary import check_records, format_c, format_table, summarize
+from .summary import check_records, format_c, format_table, metric_stat, summarize
+
+RI = "residual_influence"
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.md"
@@ -70,12 +72,6 @@ def _num(mean: float, ci: float) -> str:
     return f"{mean:.2f}" if not math.isfinite(ci) else f"{mean:.2f} ± {ci:.2f}"
 
 
-def _ri(row: Mapping[str, Any] | None) -> tuple[float, float]:
-    s = (row or {}).get("metrics", {}).get("residual_influence") or {}
-    mean, ci = s.get("mean"), s.get("ci95")
-    return (math.nan if mean is None else float(mean)), (math.nan if ci is None else float(ci))
-
-
 def _compare(a: tuple[float, float], b: tuple[float, float]) -> str:
     """How retrain's RI sits relative to the oracle's, judged by whether the 95% CIs overlap."""
     (ma, ca), (mb, cb) = a, b
@@ -109,7 +105,7 @@ def finding(dataset: Any, rows: Sequence[Mapping[str, Any]]) -> str:
         if missing:
             clauses.append(f"at C={format_c(c)} there is no {' or '.join(missing)} result")
             return None
-        return _ri(lookup[(c, "retrain")]), _ri(lookup[(c, "oracle")])
+        return metric_stat(lookup[(c, "retrain")], RI), metric_stat(lookup[(c, "oracle")], RI)
 
     near = [c for c in similars if _is_c(c, positive=True)]
     for c in near:
@@ -134,9 +130,9 @@ def finding(dataset: Any, rows: Sequence[Mapping[str, Any]]) -> str:
     # Which approximate method comes closest to the oracle where near-duplicates are hardest (largest C).
     if near:
         c = max(near, key=float)
-        o_mean = _ri(lookup.get((c, "oracle")))[0]
-        others = [(m, _ri(row)) for (cc, m), row in lookup.items()
-                  if cc == c and m not in ("original", "retrain", "oracle") and math.isfinite(_ri(row)[0])]
+        o_mean = metric_stat(lookup.get((c, "oracle")), RI)[0]
+        others = [(m, metric_stat(row, RI)) for (cc, m), row in lookup.items()
+                  if cc == c and m not in ("original", "retrain", "oracle") and math.isfinite(metric_stat(row, RI)[0])]
         if others and math.isfinite(o_mean):
             best, stat = min(others, key=lambda x: abs(x[1][0] - o_mean))
             text += f" Of the other methods at C={format_c(c)}, `{best}` comes closest to the oracle (RI {_num(*stat)})."

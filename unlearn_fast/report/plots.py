@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..atomic_io import atomic_path
-from .summary import format_c
+from .summary import format_c, metric_stat
 
 RI_YLABEL = "residual influence (1 = fully remains, 0 = oracle)"
 ACCURACY_METRICS = ("target_acc", "similar_acc", "test_acc")
@@ -31,15 +31,6 @@ def similar_label(similar: Any) -> str:
 
 def _ordered(values: Sequence[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
-
-
-def _stat(row: Mapping[str, Any] | None, metric: str) -> tuple[float, float]:
-    """(mean, ci95) as floats, NaN where absent, so callers can test with ``math.isfinite``."""
-    if row is None:
-        return math.nan, math.nan
-    s = row["metrics"].get(metric) or {}
-    mean, ci = s.get("mean"), s.get("ci95")
-    return (math.nan if mean is None else float(mean)), (math.nan if ci is None else float(ci))
 
 
 def _grouped_bars(ax: Axes, categories: Sequence[Any], series: Sequence[tuple[str, Sequence[tuple[float, float]]]]) -> int:
@@ -99,7 +90,7 @@ def plot_residual_influence(summary: Sequence[Mapping[str, Any]], path: str | os
         methods = _ordered([r["method"] for r in rows])
         similars = _ordered([r["similar"] for r in rows])
         lookup = {(r["similar"], r["method"]): r for r in rows}
-        series = [(similar_label(c), [_stat(lookup.get((c, m)), "residual_influence") for m in methods])
+        series = [(similar_label(c), [metric_stat(lookup.get((c, m)), "residual_influence") for m in methods])
                   for c in similars]
         drawn = _grouped_bars(ax, methods, series)
         ax.axhline(1.0, linestyle="--", color="tab:red", linewidth=1, label="1 = influence fully remains")
@@ -137,7 +128,7 @@ def plot_accuracies(summary: Sequence[Mapping[str, Any]], path: str | os.PathLik
             c = similars[j]
             sub = [r for r in rows if r["similar"] == c]
             methods = _ordered([r["method"] for r in sub])
-            series = [(metric, [_stat(r, metric) for r in sub]) for metric in ACCURACY_METRICS]
+            series = [(metric, [metric_stat(r, metric) for r in sub]) for metric in ACCURACY_METRICS]
             drawn = _grouped_bars(ax, methods, series)
             if not drawn:
                 _no_data(ax, "accuracy")

@@ -187,3 +187,12 @@ def format_table(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str] | 
         else:
             blocks.append(f"{heading}\n{_text_table(header, body)}")
     return "\n\n".join(blocks) + ("\n" if blocks else "")
+
+
+def metric_stat(row: Mapping[str, Any] | None, metric: str) -> tuple[float, float]:
+    """(mean, ci95) of ``metric`` in a summary row as floats, NaN where absent."""
+    if row is None:
+        return math.nan, math.nan
+    stat = row["metrics"].get(metric) or {}
+    mean, ci = stat.get("mean"), stat.get("ci95")
+    return (math.nan if mean is None else float(mean)), (math.nan if ci is None else float(ci))
