@@ -298,3 +298,16 @@ def test_public_entry(mnist_dir) -> None:
     assert ds.train.tensors[0].shape == (N_TRAIN + 6, 1, 28, 28)
     torch.testing.assert_close(ds.train.tensors[0][:N_TRAIN], _as_nchw(arrays["train"][0]))
     assert ds.similar_ids() == list(range(N_TRAIN, N_TRAIN + 6))
+
+
+def test_study_runs_on_a_local_source(mnist_dir: tuple[Path, dict], tmp_path: Path) -> None:
+    import json
+
+    from unlearn_fast import cli
+
+    argv = ["study", "--dataset", "mnist-blockmask", "--source", str(mnist_dir[0]), "--quick", "--seeds", "1",
+            "--targets", "3", "--similar", "2", "--methods", "finetune", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert cli.main(argv) == 0
+    records = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["method"] for r in records] == ["original", "retrain", "oracle", "finetune"]
+    assert all(r["model"] == "cnn" and r["dataset"] == "mnist-blockmask" and r["similar"] == 2 for r in records)

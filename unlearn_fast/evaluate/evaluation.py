@@ -93,6 +93,7 @@ class Evaluation:
     reference_target_loss: dict[str, torch.Tensor] = field(default_factory=dict)
     ri_min_gap: float = DEFAULT_RI_MIN_GAP
     _cache: dict[str, SplitOutputs] = field(default_factory=dict, repr=False)
+    _train_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -127,7 +128,9 @@ class Evaluation:
             if split == "test":
                 inputs, labels = as_tensors(self.dataset.test)
             else:
-                all_x, all_y = as_tensors(self.dataset.train)
+                if self._train_tensors is None:  # a generic Dataset is read once, not once per split
+                    self._train_tensors = as_tensors(self.dataset.train)
+                all_x, all_y = self._train_tensors
                 index = torch.as_tensor(self.split_ids(split), dtype=torch.long)
                 inputs, labels = all_x[index], all_y[index]
             self._cache[split] = split_outputs(self.model, self.loss, inputs, labels, self.device)
