@@ -19,15 +19,20 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Loss = Union[str, LossFn]
 
 
+def _upcast(out: torch.Tensor) -> torch.Tensor:
+    # Losses of half-precision (AMP) outputs are computed in float32; float64 stays float64.
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+
 def _cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
     inputs, targets = batch
-    return F.cross_entropy(model(inputs).float(), targets, reduction="none")
+    return F.cross_entropy(_upcast(model(inputs)), targets, reduction="none")
 
 
 def _mse(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Per-sample squared error summed over output dimensions (not averaged, unlike F.mse_loss)."""
     inputs, targets = batch
-    out = model(inputs).float()
+    out = _upcast(model(inputs))
     if targets.numel() != out.numel():
         raise ValueError(
             f"mse needs targets shaped like the model's outputs {tuple(out.shape)}, got {tuple(targets.shape)}; "

@@ -57,7 +57,8 @@ def split_outputs(model: nn.Module, loss: Loss, inputs: torch.Tensor, labels: to
     for start in range(0, inputs.shape[0], batch_size):
         x = inputs[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device)
-        logits = model(x).float()
+        logits = model(x)
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         scorer = _FixedOutput(logits) if isinstance(loss, str) else model
         losses.append(per_sample_loss(scorer, loss, (x, y)).cpu())
         if y.dim() == 1 and not y.is_floating_point() and logits.dim() == 2:

@@ -1,0 +1,169 @@
+"""Factored per-sample gradient operations against the torch.func materialised reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from unlearn_fast.influence.per_sample import fisher_vp, grad_dots, grad_norms, loss_gradient, per_sample_grads
+from unlearn_fast.influence.vectors import as_flat, trainable
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+class TextModel(nn.Module):
+    """Embedding (with padding row) → LayerNorm → Linear, mean over real tokens, × a bare scalar Parameter."""
+
+    def __init__(self, vocab: int, d: int, classes: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, classes)
+        self.scale = nn.Parameter(torch.ones(()))  # no rule: exercises the torch.func fallback
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).unsqueeze(-1).to(self.fc.weight.dtype)
+        h = self.fc(self.ln(self.emb(ids))) * mask
+        return h.sum(1) / mask.sum(1).clamp(min=1) * self.scale
+
+
+class SequenceModel(nn.Module):
+    """Linear over [B, T, d_in] positions, then a masked mean: the Linear sees sequences."""
+
+    def __init__(self, d_in: int, d_hidden: int, classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_hidden)
+        self.head = nn.Linear(d_hidden, classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(x))).mean(1)
+
+
+def _check(model: nn.Module, batch, dtype: torch.dtype, k: int, seed: int = 0) -> None:
+    model = model.to(dtype)
+    x, y = batch
+    batch = (x.to(dtype) if x.is_floating_point() else x, y)
+    params = trainable(model)
+    gen = torch.Generator().manual_seed(seed)
+    vectors = {n: torch.randn(k, *p.shape, generator=gen, dtype=dtype) for n, p in params.items()}
+    ref = per_sample_grads(model, "cross_entropy", batch)
+    ref_flat = torch.cat([ref[n].reshape(x.shape[0], -1) for n in params], 1)  # [B, P]
+    v_flat = as_flat(vectors, params)  # [K, P]
+
+    dots = grad_dots(model, "cross_entropy", batch, vectors)
+    torch.testing.assert_close(dots, ref_flat @ v_flat.T, **TOL[dtype])
+    torch.testing.assert_close(grad_dots(model, "cross_entropy", batch, v_flat), dots, **TOL[dtype])  # flat form
+    torch.testing.assert_close(grad_norms(model, "cross_entropy", batch), ref_flat.norm(dim=1), **TOL[dtype])
+    fisher = as_flat(fisher_vp(model, "cross_entropy", batch, vectors, params), params)
+    torch.testing.assert_close(fisher, (ref_flat @ v_flat.T).T @ ref_flat, **TOL[dtype])
+    total = as_flat({n: g.unsqueeze(0) for n, g in loss_gradient(model, "cross_entropy", batch, params).items()}, params)
+    torch.testing.assert_close(total[0], ref_flat.sum(0), **TOL[dtype])
+
+
+DTYPES = st.sampled_from([torch.float32, torch.float64])
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 6), d_in=st.integers(1, 9), hidden=st.integers(1, 9), classes=st.integers(2, 5),
+       k=st.integers(1, 4), dtype=DTYPES, seed=st.integers(0, 1000))
+def test_mlp(b, d_in, hidden, classes, k, dtype, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    _check(model, (torch.randn(b, d_in), torch.randint(0, classes, (b,))), dtype, k, seed)
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 4), c_in=st.integers(1, 3), c_out=st.integers(1, 4), h=st.integers(3, 8), w=st.integers(3, 8),
+       kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 1), k=st.integers(1, 3), dtype=DTYPES,
+       seed=st.integers(0, 1000))
+def test_cnn_with_batchnorm(b, c_in, c_out, h, w, kernel, stride, padding, k, dtype, seed):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
+    out_h = (h + 2 * padding - kernel) // stride + 1
+    out_w = (w + 2 * padding - kernel) // stride + 1
+    bn = nn.BatchNorm2d(c_out)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), nn.Linear(c_out * out_h * out_w, 3))
+    _check(model, (torch.randn(b, c_in, h, w), torch.randint(0, 3, (b,))), dtype, k, seed)
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 5), t=st.integers(1, 7), vocab=st.integers(3, 12), d=st.integers(1, 6), k=st.integers(1, 3),
+       dtype=DTYPES, seed=st.integers(0, 1000))
+def test_embedding_layernorm_with_padding(b, t, vocab, d, k, dtype, seed):
+    torch.manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, t))
+    lengths = torch.randint(1, t + 1, (b,))
+    ids[torch.arange(t)[None, :] >= lengths[:, None]] = 0  # right padding
+    _check(TextModel(vocab, d, 3), (ids, torch.randint(0, 3, (b,))), dtype, k, seed)
+
+
+@pytest.mark.parametrize("t, d_in, d_hidden", [(3, 8, 8), (9, 2, 3)])  # ghost form (2T² < d_in·d_out), then materialised
+def test_sequence_linear_both_norm_forms(t, d_in, d_hidden):
+    torch.manual_seed(0)
+    model = SequenceModel(d_in, d_hidden, 4)
+    _check(model, (torch.randn(5, t, d_in), torch.randint(0, 4, (5,))), torch.float64, 3)
+
+
+def test_gpt2_block_conv1d_with_padded_sequences():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    config = transformers.GPT2Config(n_embd=8, n_head=2, n_layer=1, n_positions=16, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    config._attn_implementation = "eager"
+
+    class TinyGPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(13, 8, padding_idx=0)
+            self.block = GPT2Block(config, layer_idx=0)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.block(self.emb(ids))
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            mask = (ids != 0).unsqueeze(-1).to(hidden.dtype)  # causal block + right padding: pads never reach real tokens
+            return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 13, (4, 6))
+    ids[0, 4:] = 0
+    ids[2, 2:] = 0
+    model = TinyGPT()
+    assert any(type(m).__name__ == "Conv1D" for m in model.modules())
+    _check(model, (ids, torch.randint(0, 3, (4,))), torch.float64, 2)
+    _check(model, (ids, torch.randint(0, 3, (4,))), torch.float32, 2)
+
+
+def test_layers_restricts_the_parameters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    batch = (torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 1]))
+    ref = per_sample_grads(model, "cross_entropy", batch)
+    norms = grad_norms(model, "cross_entropy", batch, layers=["2"])
+    torch.testing.assert_close(norms, torch.cat([ref["2.weight"].flatten(1), ref["2.bias"]], 1).norm(dim=1))
+    with pytest.raises(ValueError, match="unknown layer"):
+        grad_norms(model, "cross_entropy", batch, layers=["9"])
+
+
+def test_bad_vectors_and_non_finite():
+    model = nn.Sequential(nn.Linear(3, 2))
+    batch = (torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"expected \[8\] or \[K, 8\]"):
+        grad_dots(model, "cross_entropy", batch, torch.zeros(7))
+    with pytest.raises(ValueError, match="missing"):
+        grad_dots(model, "cross_entropy", batch, {"0.weight": torch.zeros(2, 3)})
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite .* layer '0'"):
+        grad_norms(model, "cross_entropy", batch)
+
+
+def test_empty_batch_and_model_mode_restored():
+    model = nn.Sequential(nn.Linear(3, 2)).train()
+    out = grad_norms(model, "cross_entropy", (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))
+    assert out.shape == (0,) and model.training

@@ -1,0 +1,227 @@
+"""Per-sample gradient operations under the one loss convention, without materialising [B, P].
+
+One forward and one backward of Σ_i ℓ_i capture, for every layer with a rule in
+:mod:`unlearn_fast.influence.layers`, its input A and output gradient G; all products are then
+factored per layer. Parameters of layers without a rule use chunked torch.func materialisation.
+:func:`per_sample_grads` materialises everything and is the reference for tests and small models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ..losses import Loss, per_sample_loss
+from .layers import Rule, rule_for
+from .vectors import Vector, as_dict, trainable
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+FALLBACK_CHUNK = 64
+
+
+@dataclass
+class LayerCache:
+    """A layer's cached factors; ``names`` maps the rule's local parameter names to global ones."""
+
+    module_name: str
+    module: nn.Module
+    rule: Rule
+    a: torch.Tensor
+    g: torch.Tensor
+    names: dict[str, str]
+
+
+@dataclass
+class Captured:
+    losses: torch.Tensor            # [B] per-sample losses (detached)
+    layers: list[LayerCache]
+    fallback: list[str]             # global names of parameters without a rule
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    # Per-sample gradients need samples that do not interact: BatchNorm uses running statistics.
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _plan(model: nn.Module, params: dict[str, nn.Parameter]) -> tuple[list[tuple[str, nn.Module, Rule, dict[str, str]]], list[str]]:
+    """Which modules are handled by a rule, and which chosen parameters fall back."""
+    covered, planned = set(), []
+    for module_name, module in model.named_modules():
+        local = {n: f"{module_name}.{n}" if module_name else n for n, p in module.named_parameters(recurse=False)}
+        local = {n: full for n, full in local.items() if full in params}
+        if not local:
+            continue
+        rule = rule_for(module)
+        if rule is None:
+            continue
+        planned.append((module_name, module, rule, local))
+        covered.update(local.values())
+    return planned, [n for n in params if n not in covered]
+
+
+def capture(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> Captured:
+    """Run ``batch`` once forward and backward and cache each covered layer's (A, G)."""
+    planned, fallback = _plan(model, params)
+    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(planned))}
+    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(planned))}
+    handles = []
+    for index, (_, module, _, _) in enumerate(planned):
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, index: int = index) -> None:
+            inputs[index].append(args[0].detach())
+            outputs[index].append(out)
+        handles.append(module.register_forward_hook(hook))
+    try:
+        losses = per_sample_loss(model, loss, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    flat_outputs = [o for i in range(len(planned)) for o in outputs[i]]
+    grads = torch.autograd.grad(losses.sum(), flat_outputs, allow_unused=True) if flat_outputs else ()
+    layers, cursor = [], 0
+    for index, (module_name, module, rule, names) in enumerate(planned):
+        a_parts, g_parts = [], []
+        for inp, out in zip(inputs[index], outputs[index]):
+            g_out = grads[cursor] if grads[cursor] is not None else torch.zeros_like(out)
+            cursor += 1
+            if not torch.isfinite(g_out).all():
+                raise ValueError(f"non-finite output gradient at layer {module_name!r} ({type(module).__name__})")
+            a, g = rule.prepare(module, inp, g_out.detach())
+            a_parts.append(a)
+            g_parts.append(g)
+        if not a_parts:  # module not used in this forward
+            continue
+        # A module called several times sums its contributions: the calls join the position axis.
+        layers.append(LayerCache(module_name, module, rule, torch.cat(a_parts, 1), torch.cat(g_parts, 1), names))
+    return Captured(losses.detach(), layers, fallback)
+
+
+def _fallback_grads(model: nn.Module, loss: Loss, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
+    """Materialised per-sample gradients [B, *shape] of ``names`` by torch.func, in chunks of samples."""
+    fixed = {n: p.detach() for n, p in model.named_parameters()}
+    fixed.update({n: b for n, b in model.named_buffers()})
+
+    def sample_loss(chosen: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        stateless = _Stateless(model, {**fixed, **chosen})
+        return per_sample_loss(stateless, loss, (x.unsqueeze(0), y.unsqueeze(0)))[0]
+
+    chosen = {n: fixed[n] for n in names}
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    parts = [per_sample(chosen, batch[0][s:s + FALLBACK_CHUNK], batch[1][s:s + FALLBACK_CHUNK])
+             for s in range(0, batch[0].shape[0], FALLBACK_CHUNK)]
+    return {n: torch.cat([p[n] for p in parts]) for n in names}
+
+
+class _Stateless(nn.Module):
+    """Calls ``model`` with the given parameters and buffers (torch.func.functional_call)."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.state, (x,))
+
+
+def per_sample_grads(model: nn.Module, loss: Loss, batch: Batch, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Reference: every per-sample gradient ∇ℓ_i materialised, name → [B, *shape] (torch.func)."""
+    params = trainable(model, layers)
+    with _eval_mode(model):
+        return _fallback_grads(model, loss, batch, list(params))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[B, *shape] → [B, prod(shape)], scalars (shape ()) included."""
+    return t.reshape(t.shape[0], -1)
+
+
+def _check_finite(values: torch.Tensor, what: str, where: str) -> torch.Tensor:
+    if not torch.isfinite(values).all():
+        raise ValueError(f"non-finite {what} at {where}")
+    return values
+
+
+def grad_dots(model: nn.Module, loss: Loss, batch: Batch, vectors: Vector, layers: list[str] | None = None) -> torch.Tensor:
+    """⟨∇ℓ_i, v_k⟩ for each sample i of ``batch`` and each of K parameter-space vectors → [B, K].
+
+    ``vectors``: flat [P] / [K, P] or dict name → [*shape] / [K, *shape] over the trainable
+    parameters (restricted to ``layers`` when given).
+    """
+    params = trainable(model, layers)
+    v = as_dict(vectors, params)
+    if batch[0].shape[0] == 0:
+        return torch.zeros(0, next(iter(v.values())).shape[0], dtype=next(iter(v.values())).dtype)
+    with _eval_mode(model):
+        cap = capture(model, loss, batch, params)
+        total = torch.zeros(batch[0].shape[0], next(iter(v.values())).shape[0], dtype=cap.losses.dtype, device=cap.losses.device)
+        for layer in cap.layers:
+            local_v = {local: v[full].to(layer.g.dtype) for local, full in layer.names.items()}
+            total += _check_finite(layer.rule.dots(layer.module, layer.a, layer.g, local_v), "gradient dot", f"layer {layer.module_name!r}")
+        if cap.fallback:
+            for name, g in _fallback_grads(model, loss, batch, cap.fallback).items():
+                total += _check_finite(_rows(g) @ _rows(v[name]).to(g.dtype).T, "gradient dot", f"parameter {name!r}")
+    return total
+
+
+def grad_norms(model: nn.Module, loss: Loss, batch: Batch, layers: list[str] | None = None) -> torch.Tensor:
+    """‖∇ℓ_i‖ (L2 over the trainable parameters, or those of ``layers``) for each sample → [B]."""
+    params = trainable(model, layers)
+    if batch[0].shape[0] == 0:
+        return torch.zeros(0, dtype=next(iter(params.values())).dtype)
+    with _eval_mode(model):
+        cap = capture(model, loss, batch, params)
+        total = torch.zeros(batch[0].shape[0], dtype=cap.losses.dtype, device=cap.losses.device)
+        for layer in cap.layers:
+            total += _check_finite(layer.rule.sq_norms(layer.module, layer.a, layer.g), "gradient norm", f"layer {layer.module_name!r}")
+        if cap.fallback:
+            for name, g in _fallback_grads(model, loss, batch, cap.fallback).items():
+                total += _check_finite(_rows(g).pow(2).sum(1), "gradient norm", f"parameter {name!r}")
+    return total.sqrt()
+
+
+def fisher_vp(model: nn.Module, loss: Loss, batch: Batch, vectors: dict[str, torch.Tensor],
+              params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Σ_i ⟨g_i, v_k⟩ g_i over the batch (the empirical-Fisher product, unnormalised) → name → [K, *shape].
+
+    Factored per layer as c = grad_dots(v), then (diag(c)G)ᵀA, so no [B, P] is built.
+    """
+    if batch[0].shape[0] == 0:
+        return {name: torch.zeros_like(vectors[name]) for name in params}
+    with _eval_mode(model):
+        cap = capture(model, loss, batch, params)
+        k = next(iter(vectors.values())).shape[0]
+        c = torch.zeros(batch[0].shape[0], k, dtype=cap.losses.dtype, device=cap.losses.device)
+        for layer in cap.layers:
+            c += layer.rule.dots(layer.module, layer.a, layer.g, {l: vectors[f].to(layer.g.dtype) for l, f in layer.names.items()})
+        fallback = _fallback_grads(model, loss, batch, cap.fallback) if cap.fallback else {}
+        for name, g in fallback.items():
+            c += _rows(g) @ _rows(vectors[name]).to(g.dtype).T
+        out: dict[str, torch.Tensor] = {}
+        for layer in cap.layers:
+            for local, value in layer.rule.weighted_sum(layer.module, layer.a, layer.g, c).items():
+                out[layer.names[local]] = _check_finite(value, "Fisher product", f"layer {layer.module_name!r}")
+        for name, g in fallback.items():
+            out[name] = (c.T @ _rows(g)).reshape(k, *g.shape[1:])
+    return {name: out[name] for name in params}
+
+
+def loss_gradient(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Σ_i ∇ℓ_i over the batch, name → [*shape] (one ordinary backward)."""
+    with _eval_mode(model):
+        losses = per_sample_loss(model, loss, batch)
+        grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+    out = {}
+    for (name, p), g in zip(params.items(), grads):
+        out[name] = _check_finite(g if g is not None else torch.zeros_like(p), "gradient", f"parameter {name!r}")
+    return out
