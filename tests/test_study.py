@@ -25,7 +25,7 @@ def quick_study(tmp_path_factory):
 def test_quick_study_writes_the_schema(quick_study):
     records = json.loads((quick_study / "results.json").read_text())
     assert {(r["method"], r["similar"]) for r in records} >= {(m, c) for m in ("original", "retrain", "oracle") for c in (10, 0)}
-    assert len(records) == 2 * 2 * 5  # seeds × conditions × (original, retrain, oracle, finetune, gradient_ascent)
+    assert len(records) == 2 * 2 * 6  # seeds × conditions × (original, retrain, oracle, finetune, gradient_ascent, influence)
     for r in records:
         assert {"dataset", "method", "seed", "similar"} <= set(r) and REQUIRED_METRICS <= set(r)
         assert r["dataset"] == "digits-blockmask" and r["seed"] in (0, 1)

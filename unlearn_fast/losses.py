@@ -24,25 +24,37 @@ def _upcast(out: torch.Tensor) -> torch.Tensor:
     return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
-def _cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
-    inputs, targets = batch
-    return F.cross_entropy(_upcast(model(inputs)), targets, reduction="none")
+def output_loss(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The named per-sample loss of model outputs [B, ...] against targets → [B].
+
+    ``cross_entropy``: outputs [B, classes], targets int64 [B]. ``mse``: the squared error summed
+    over output dimensions (not averaged, unlike F.mse_loss), targets shaped like the outputs.
+    """
+    outputs = _upcast(outputs)
+    if name == "cross_entropy":
+        if outputs.dim() != 2:
+            raise ValueError(f"cross_entropy needs model outputs [B, classes], got {tuple(outputs.shape)}; use a callable loss")
+        return F.cross_entropy(outputs, targets, reduction="none")
+    if name == "mse":
+        if targets.numel() != outputs.numel():
+            raise ValueError(
+                f"mse needs targets shaped like the model's outputs {tuple(outputs.shape)}, got {tuple(targets.shape)}; "
+                "for class labels use loss='cross_entropy'"
+            )
+        err = (outputs - targets.to(outputs.dtype).reshape(outputs.shape)) ** 2
+        return err.reshape(err.shape[0], -1).sum(dim=1)
+    raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(NAMED_LOSSES)}")
 
 
-def _mse(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Per-sample squared error summed over output dimensions (not averaged, unlike F.mse_loss)."""
-    inputs, targets = batch
-    out = _upcast(model(inputs))
-    if targets.numel() != out.numel():
-        raise ValueError(
-            f"mse needs targets shaped like the model's outputs {tuple(out.shape)}, got {tuple(targets.shape)}; "
-            "for class labels use loss='cross_entropy'"
-        )
-    err = (out - targets.to(out.dtype).reshape(out.shape)) ** 2
-    return err.reshape(err.shape[0], -1).sum(dim=1)
+def _named(name: str) -> LossFn:
+    def apply(model: nn.Module, batch: Batch) -> torch.Tensor:
+        inputs, targets = batch
+        return output_loss(name, model(inputs), targets)
+
+    return apply
 
 
-NAMED_LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
+NAMED_LOSSES: dict[str, LossFn] = {name: _named(name) for name in ("cross_entropy", "mse")}
 
 
 def check_loss(loss: Loss) -> Loss:

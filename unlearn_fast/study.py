@@ -31,7 +31,7 @@ from .train import fit, make_recipe, train
 from .validation import as_list, check_positive_int, resolve_device
 
 REFERENCES = ("original", "oracle")
-DEFAULT_METHODS = ("retrain", "finetune", "gradient_ascent")
+DEFAULT_METHODS = ("retrain", "finetune", "gradient_ascent", "influence")
 QUICK_EPOCH_DIVISOR = 3
 OUTPUT_FILES = ("results.json", "results.csv", "report.md", "residual_influence.png", "accuracy.png")
 

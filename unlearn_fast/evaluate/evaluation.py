@@ -14,7 +14,8 @@ from torch import nn
 
 from ..data.similar_dataset import SimilarDataset, as_tensors
 from ..context import CONTEXT_ATTRIBUTE
-from ..losses import Loss, check_loss, per_sample_loss
+from ..losses import Loss, check_loss, output_loss, per_sample_loss
+from ..modes import eval_mode
 
 SPLITS = ("targets", "similar", "retain", "test")
 # Residual-influence denominator threshold, in nats. On digits-blockmask the per-target losses of
@@ -32,15 +33,19 @@ class SplitOutputs:
     confidence: torch.Tensor  # softmax probability of the true label
 
 
-class _FixedOutput(nn.Module):
-    """Returns precomputed outputs, so a named loss can be applied without a second forward pass."""
-
-    def __init__(self, outputs: torch.Tensor) -> None:
-        super().__init__()
-        self.outputs = outputs
-
-    def forward(self, _: torch.Tensor) -> torch.Tensor:
-        return self.outputs
+def _accumulate(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor,
+                losses: list[torch.Tensor], correct: list[torch.Tensor], confidence: list[torch.Tensor]) -> None:
+    logits = model(x)
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    # A named loss is applied to these logits; a callable loss needs the model itself.
+    per_sample = output_loss(loss, logits, y) if isinstance(loss, str) else per_sample_loss(model, loss, (x, y))
+    losses.append(per_sample.cpu())
+    if y.dim() == 1 and not y.is_floating_point() and logits.dim() == 2:
+        correct.append((logits.argmax(dim=1) == y).float().cpu())
+        confidence.append(torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1).cpu())
+    else:
+        correct.append(torch.full((x.shape[0],), float("nan")))
+        confidence.append(torch.full((x.shape[0],), float("nan")))
 
 
 @torch.no_grad()
@@ -51,23 +56,13 @@ def split_outputs(model: nn.Module, loss: Loss, inputs: torch.Tensor, labels: to
     Correctness and confidence need class labels (int64 [n]) and logits [n, classes]; for other
     targets (e.g. regression with ``mse``) they are NaN.
     """
-    was_training = model.training
-    model.eval()
-    losses, correct, confidence = [], [], []
-    for start in range(0, inputs.shape[0], batch_size):
-        x = inputs[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device)
-        logits = model(x)
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        scorer = _FixedOutput(logits) if isinstance(loss, str) else model
-        losses.append(per_sample_loss(scorer, loss, (x, y)).cpu())
-        if y.dim() == 1 and not y.is_floating_point() and logits.dim() == 2:
-            correct.append((logits.argmax(dim=1) == y).float().cpu())
-            confidence.append(torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1).cpu())
-        else:
-            correct.append(torch.full((x.shape[0],), float("nan")))
-            confidence.append(torch.full((x.shape[0],), float("nan")))
-    model.train(was_training)
+    losses: list[torch.Tensor] = []
+    correct: list[torch.Tensor] = []
+    confidence: list[torch.Tensor] = []
+    with eval_mode(model):
+        for start in range(0, inputs.shape[0], batch_size):
+            _accumulate(model, loss, inputs[start:start + batch_size].to(device), labels[start:start + batch_size].to(device),
+                        losses, correct, confidence)
     if not losses:
         empty = torch.zeros(0)
         return SplitOutputs(empty, empty, empty)

@@ -8,15 +8,15 @@ factored per layer. Parameters of layers without a rule use chunked torch.func m
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..losses import Loss, per_sample_loss
+from ..modes import eval_mode
 from .layers import Rule, rule_for
 from .vectors import Vector, as_dict, trainable
 
@@ -41,17 +41,6 @@ class Captured:
     losses: torch.Tensor            # [B] per-sample losses (detached)
     layers: list[LayerCache]
     fallback: list[str]             # global names of parameters without a rule
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Per-sample gradients need samples that do not interact: BatchNorm uses running statistics.
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _plan(model: nn.Module, params: dict[str, nn.Parameter]) -> tuple[list[tuple[str, nn.Module, Rule, dict[str, str]]], list[str]]:
@@ -137,7 +126,7 @@ class _Stateless(nn.Module):
 def per_sample_grads(model: nn.Module, loss: Loss, batch: Batch, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Reference: every per-sample gradient ∇ℓ_i materialised, name → [B, *shape] (torch.func)."""
     params = trainable(model, layers)
-    with _eval_mode(model):
+    with eval_mode(model):
         return _fallback_grads(model, loss, batch, list(params))
 
 
@@ -162,7 +151,7 @@ def grad_dots(model: nn.Module, loss: Loss, batch: Batch, vectors: Vector, layer
     v = as_dict(vectors, params)
     if batch[0].shape[0] == 0:
         return torch.zeros(0, next(iter(v.values())).shape[0], dtype=next(iter(v.values())).dtype)
-    with _eval_mode(model):
+    with eval_mode(model):
         cap = capture(model, loss, batch, params)
         total = torch.zeros(batch[0].shape[0], next(iter(v.values())).shape[0], dtype=cap.losses.dtype, device=cap.losses.device)
         for layer in cap.layers:
@@ -179,7 +168,7 @@ def grad_norms(model: nn.Module, loss: Loss, batch: Batch, layers: list[str] | N
     params = trainable(model, layers)
     if batch[0].shape[0] == 0:
         return torch.zeros(0, dtype=next(iter(params.values())).dtype)
-    with _eval_mode(model):
+    with eval_mode(model):
         cap = capture(model, loss, batch, params)
         total = torch.zeros(batch[0].shape[0], dtype=cap.losses.dtype, device=cap.losses.device)
         for layer in cap.layers:
@@ -198,7 +187,7 @@ def fisher_vp(model: nn.Module, loss: Loss, batch: Batch, vectors: dict[str, tor
     """
     if batch[0].shape[0] == 0:
         return {name: torch.zeros_like(vectors[name]) for name in params}
-    with _eval_mode(model):
+    with eval_mode(model):
         cap = capture(model, loss, batch, params)
         k = next(iter(vectors.values())).shape[0]
         c = torch.zeros(batch[0].shape[0], k, dtype=cap.losses.dtype, device=cap.losses.device)
@@ -218,7 +207,7 @@ def fisher_vp(model: nn.Module, loss: Loss, batch: Batch, vectors: dict[str, tor
 
 def loss_gradient(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Σ_i ∇ℓ_i over the batch, name → [*shape] (one ordinary backward)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         losses = per_sample_loss(model, loss, batch)
         grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
     out = {}

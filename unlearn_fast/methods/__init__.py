@@ -13,6 +13,8 @@ from . import finetune as _finetune  # noqa: F401  (registers finetune, gradient
 from . import retrain as _retrain  # noqa: F401  (registers retrain, oracle)
 from .registry import METHODS, UnlearnTask
 
+from ..influence import unlearn as _influence  # noqa: E402,F401  (registers influence; needs the registry above)
+
 
 def unlearn(
     model: nn.Module,

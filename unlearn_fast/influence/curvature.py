@@ -1,0 +1,259 @@
+"""Curvature-vector products (C + (λ+δ) I) v, the inner step of every influence solver.
+
+Notation: θ ∈ R^P the trainable parameters (``trainable(model, layers)``), N samples, z_i = f(θ, x_i)
+∈ R^O the model output of sample i, ℓ_i = ℓ(z_i, y_i) its loss and L(θ) = (1/N) Σ_i ℓ_i the MEAN loss.
+
+    hessian  C = ∇²L  [P, P]                            exact; indefinite in general (deep nets)
+    ggn      C = (1/N) Σ_i J_iᵀ H_i J_i                 J_i = ∂z_i/∂θ [O, P], H_i = ∂²ℓ_i/∂z_i² [O, O]
+               cross_entropy: H_i = diag(p_i) − p_i p_iᵀ, p_i = softmax(z_i)   (PSD, so C is PSD)
+               mse (squared error summed over outputs): H_i = 2 I
+    fisher   C = (1/N) Σ_i g_i g_iᵀ                     g_i = ∇_θ ℓ_i [P]   (empirical Fisher, PSD)
+
+The training objective is L(θ) + (λ/2)‖θ‖² (torch SGD's ``weight_decay=λ``), whose curvature adds λ I;
+``damping`` δ adds δ I on top. A vector v is flat [P] / [K, P] or a dict name → [*shape] / [K, *shape]
+(ARCHITECTURE.md); the K products are computed together (vmapped) and the result has v's form,
+shape, dtype and device.
+
+Per batch of B samples and K vectors:
+- ggn: Jv by forward mode (``jvp``, vmapped over K) → u = H Jv per sample, analytically → Jᵀu by one
+  ``vjp`` (vmapped over K). Two forward passes and one backward pass; no [B, P] tensor.
+- hessian: ∇ℓ with ``create_graph`` then one batched double backward (``is_grads_batched``) for all K.
+- fisher: delegated to :func:`unlearn_fast.influence.per_sample.fisher_vp` (factored per-layer forms).
+Only one batch's autograd graph is alive at a time, so memory is bounded by ``batch_size`` × K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp, vjp, vmap
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..data.similar_dataset import as_tensors
+from ..losses import NAMED_LOSSES, Loss, check_loss, output_loss, per_sample_loss
+from ..modes import eval_mode
+from ..validation import check_choice, check_number, check_positive_int, resolve_device
+from .vectors import Vector, as_dict, as_flat, num_params, trainable
+
+CURVATURES = ("ggn", "hessian", "fisher")
+
+Data = Dataset | tuple[torch.Tensor, torch.Tensor]
+
+
+class _LossModule(nn.Module):
+    """(inputs, labels) → per-sample losses, so that ``functional_call`` can swap the parameters of a
+    model used by a callable loss (which calls the model however it likes)."""
+
+    def __init__(self, model: nn.Module, loss: Loss) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(self.model, self.loss, (inputs, labels))
+
+
+def _data_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
+        inputs, labels = data
+    elif isinstance(data, Dataset):
+        inputs, labels = as_tensors(data)
+    else:
+        raise ValueError("data must be a torch Dataset of (input, label) or a tuple (inputs, labels) of tensors, "
+                         f"got {type(data).__name__}")
+    if inputs.shape[0] == 0 or inputs.shape[0] != labels.shape[0]:
+        raise ValueError(f"data needs N >= 1 inputs and as many labels, got {inputs.shape[0]} inputs "
+                         f"and {labels.shape[0]} labels")
+    return inputs, labels
+
+
+class _Form:
+    """Remembers how a vector came in (flat or dict, with or without K, dtype, device) to give it back so."""
+
+    def __init__(self, v: Vector, params: Mapping[str, torch.Tensor]) -> None:
+        self.is_dict = isinstance(v, Mapping)
+        entries = list(v.values()) if self.is_dict else [v]  # type: ignore[union-attr]
+        if not all(torch.is_tensor(t) and t.is_floating_point() for t in entries):
+            raise ValueError("a parameter-space vector must hold floating-point tensors")
+        if self.is_dict:
+            self.single = {n: tuple(v[n].shape) == tuple(p.shape)  # type: ignore[index]
+                           for n, p in params.items() if n in v}
+            self.meta = {n: (t.device, t.dtype) for n, t in v.items()}  # type: ignore[union-attr]
+        else:
+            self.single_flat, self.meta_flat = v.dim() == 1, (v.device, v.dtype)  # type: ignore[union-attr]
+
+    def restore(self, d: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> Vector:
+        if self.is_dict:
+            return {n: (t[0] if self.single[n] else t).to(*self.meta[n]) for n, t in d.items()}
+        flat = as_flat(d, params)
+        return (flat[0] if self.single_flat else flat).to(*self.meta_flat)
+
+
+class CurvatureOperator:
+    """v ↦ (C + (weight_decay + damping) I) v for one model, loss and data set, built once for many products.
+
+    Built once: validates the arguments, moves the data to ``device`` (cast to the parameters' float
+    dtype), snapshots the parameters and buffers (views, no copy on the model's own device). Each
+    product re-reads them only when their version counters say they were modified in place.
+    ``op(v)`` / ``op.matvec(v)`` take a vector in either form and give it back in the same form.
+    The model itself is never modified; it runs in eval mode during products (its modes restored).
+    """
+
+    def __init__(self, model: nn.Module, loss: Loss, data: Data, *, kind: str = "ggn", weight_decay: float = 0.0,
+                 damping: float = 0.0, batch_size: int = 512, layers: list[str] | None = None,
+                 device: str | torch.device | None = None, progress: bool = False) -> None:
+        self.kind = check_choice(kind, CURVATURES, "kind")
+        self.loss = check_loss(loss)
+        if kind == "ggn" and not isinstance(loss, str):
+            raise ValueError(f"kind='ggn' needs a named loss ({', '.join(NAMED_LOSSES)}) to split model output from loss; "
+                             "a callable loss has no such split: use kind='fisher' or kind='hessian'")
+        self.weight_decay = check_number(weight_decay, "weight_decay")
+        self.damping = check_number(damping, "damping")
+        self.shift = self.weight_decay + self.damping
+        self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.progress = bool(progress)
+        self.model = model
+        self.params = trainable(model, layers)
+        if not self.params:
+            raise ValueError("the model has no parameters that require grad: there is no curvature to take")
+        self.num_params = num_params(self.params)
+        first = next(iter(self.params.values()))
+        self.dtype = first.dtype
+        # normalise "cuda" → "cuda:0" so that devices compare equal
+        self.device = first.device if device is None else torch.empty(0, device=resolve_device(device)).device
+        if kind == "fisher" and self.device != first.device:
+            raise ValueError(f"kind='fisher' runs on the model's own device ({first.device}), not {self.device}: "
+                             "move the model there or leave device=None")
+        inputs, labels = _data_tensors(data)
+        self.n = inputs.shape[0]
+        cast = self.dtype if inputs.is_floating_point() else None
+        self.inputs = inputs.to(device=self.device, dtype=cast)
+        self.labels = labels.to(device=self.device, dtype=self.dtype if labels.is_floating_point() else None)
+        self._wrapper = None if isinstance(self.loss, str) else _LossModule(model, self.loss)
+        self._batched_double_backward = True  # falls back to a loop over K if vmap cannot batch a backward op
+        self._stamp: tuple[Any, ...] | None = None
+        self._refresh()
+
+    # -- state snapshot ------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+
+    def _refresh(self) -> None:
+        """Re-snapshot parameters and buffers if any was modified (or replaced) since the last product."""
+        tensors = self._tensors()
+        stamp = tuple((n, t._version, t.data_ptr()) for n, t in tensors.items())
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        state = {n: t.detach().to(self.device) for n, t in tensors.items()}
+        self._values = {n: state.pop(n) for n in self.params}  # the variables of the products
+        self._fixed = state  # frozen parameters and buffers
+
+    # -- products ------------------------------------------------------------------------------
+    def __call__(self, v: Vector) -> Vector:
+        return self.matvec(v)
+
+    def matvec(self, v: Vector) -> Vector:
+        """(C + (λ+δ) I) v for v flat [P] / [K, P] or dict name → [*shape] / [K, *shape], in v's form."""
+        form = _Form(v, self.params)
+        vd = {n: t.to(device=self.device, dtype=self.params[n].dtype) for n, t in as_dict(v, self.params).items()}
+        bad = [n for n, t in vd.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f"the vector has non-finite entries in parameter(s) {bad}")
+        return form.restore(self._product(vd), self.params)
+
+    def _product(self, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._refresh()
+        acc = {n: torch.zeros_like(t) for n, t in v.items()}
+        step = {"ggn": self._ggn, "hessian": self._hessian, "fisher": self._fisher}[self.kind]
+        starts = range(0, self.n, self.batch_size)
+        with eval_mode(self.model):
+            for s in tqdm(starts, desc=f"{self.kind} product", disable=not self.progress, leave=False):
+                part = step(self.inputs[s:s + self.batch_size], self.labels[s:s + self.batch_size], v)
+                for n in acc:
+                    acc[n] += part[n]
+        out = {n: acc[n] / self.n + self.shift * v[n] for n in acc}
+        bad = [n for n, t in out.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise ValueError(f"the {self.kind} product is non-finite in parameter(s) {bad}: the model's outputs or "
+                             "loss overflow at these parameters (check the model and data, or use float64)")
+        return out
+
+    def _forward(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**self._fixed, **values}, (x,))
+
+    def _ggn(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        def f(values: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self._forward(values, x)
+
+        out, pullback = vjp(f, self._values)  # the forward of this batch, kept for Jᵀu below
+        jv = vmap(lambda t: jvp(f, (self._values,), (t,))[1])(v)  # [K, B, *out]
+        z = out.detach()
+        if self.loss == "cross_entropy":
+            if z.dim() != 2:
+                raise ValueError(f"cross_entropy needs model outputs [B, classes], got {tuple(z.shape)}")
+            # p comes free with this batch's forward, so caching it across products would save one softmax
+            p = torch.softmax(z.double() if z.dtype == torch.float64 else z.float(), dim=-1).to(jv.dtype)
+            u = p * jv - p * (p * jv).sum(dim=-1, keepdim=True)  # (diag(p) − ppᵀ) Jv per sample
+        else:
+            if y.numel() != z.numel():
+                raise ValueError(f"mse needs targets shaped like the model's outputs {tuple(z.shape)}, got {tuple(y.shape)}")
+            u = 2.0 * jv
+        return vmap(pullback)(u.to(z.dtype))[0]
+
+    def _losses(self, values: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._wrapper is None:
+            return output_loss(self.loss, self._forward(values, x), y)  # type: ignore[arg-type]
+        state = {f"model.{n}": t for n, t in {**self._fixed, **values}.items()}
+        return functional_call(self._wrapper, state, (x, y))
+
+    def _hessian(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = list(self._values)
+        with torch.enable_grad():
+            leaves = [self._values[n].detach().requires_grad_() for n in names]
+            total = self._losses(dict(zip(names, leaves)), x, y).sum()
+            grads = torch.autograd.grad(total, leaves, create_graph=True, allow_unused=True)
+            # gradients that do not depend on θ (or are absent) contribute nothing to Hv
+            keep = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            if not keep:
+                return {n: torch.zeros_like(v[n]) for n in names}
+            outs, cots = [grads[i] for i in keep], [v[names[i]] for i in keep]
+            hv: tuple[torch.Tensor | None, ...] | None = None
+            if self._batched_double_backward:
+                try:
+                    hv = torch.autograd.grad(outs, leaves, cots, retain_graph=True, allow_unused=True, is_grads_batched=True)
+                except RuntimeError:
+                    self._batched_double_backward = False
+            if hv is None:  # one double backward per vector
+                k = next(iter(v.values())).shape[0]
+                rows = [torch.autograd.grad(outs, leaves, [c[j] for c in cots], retain_graph=True, allow_unused=True)
+                        for j in range(k)]
+                hv = tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(names)))
+        return {n: torch.zeros_like(v[n]) if h is None else h.detach() for n, h in zip(names, hv)}
+
+    def _fisher(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from .per_sample import (
+            fisher_vp,  # per-layer factored forms; returns Σ_i ⟨g_i, v_k⟩ g_i
+        )
+
+        return fisher_vp(self.model, self.loss, (x, y), v, self.params)
+
+
+def curvature_vp(model: nn.Module, loss: Loss, data: Data, v: Vector, *, kind: str = "ggn", weight_decay: float = 0.0,
+                 damping: float = 0.0, batch_size: int = 512, layers: list[str] | None = None,
+                 device: str | torch.device | None = None, progress: bool = False) -> Vector:
+    """(C + (weight_decay + damping) I) v, with C the ``kind`` curvature of the mean loss over ``data``.
+
+    ``v``: flat [P] / [K, P] or dict name → [*shape] / [K, *shape] over ``trainable(model, layers)``;
+    the result has the same form, shape, dtype and device. For many products with the same model and
+    data, build a :class:`CurvatureOperator` once instead.
+    """
+    op = CurvatureOperator(model, loss, data, kind=kind, weight_decay=weight_decay, damping=damping,
+                           batch_size=batch_size, layers=layers, device=device, progress=progress)
+    return op(v)
+
+
+__all__ = ["CURVATURES", "CurvatureOperator", "curvature_vp"]

@@ -1,0 +1,185 @@
+"""Inverse curvature solves: x = (C + (λ+δ) I)⁻¹ b for one or several right-hand sides.
+
+A = C + (λ+δ) I is the [P, P] curvature operator of :mod:`.curvature` (never formed, except by
+``exact``). The right-hand sides b_1..b_K come as one vector in either form (flat [P] / [K, P] or dict
+name → [*shape] / [K, *shape]); internally they are B [K, P] and the solution X [K, P] satisfies
+A X_kᵀ = B_kᵀ for each k; it is returned in the form of ``rhs``.
+
+Solvers (registry ``SOLVERS``: name → fn(op, B [K, P], *, tol, max_iter, progress) → (X [K, P],
+operator products used, problems found); a new solver such as kfac, ekfac or lissa is one entry):
+
+- ``cg``: conjugate gradient, batched over the K columns, each with its own α_k = r_kᵀr_k / p_kᵀAp_k and
+  β_k. A column stops when ‖r_k‖ ≤ tol·‖b_k‖; the others keep going, and only the active columns are
+  multiplied by A. CG needs A positive definite: p_kᵀAp_k ≤ 0 proves A indefinite (an undamped Hessian)
+  and stops that column.
+- ``exact``: A formed densely, column chunks at a time (A e_j for EXACT_CHUNK unit vectors per product),
+  symmetrised, and solved in float64 (Cholesky; LU when A is not positive definite).
+
+Whatever the solver, the reported residuals ‖b_k − A x_k‖ / ‖b_k‖ come from one fresh product at the
+end: the true residual, not CG's recursive estimate (which drifts from it under rounding).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..losses import Loss
+from ..validation import check_choice, check_number, check_positive_int
+from .curvature import CURVATURES, CurvatureOperator, Data, _Form
+from .vectors import Vector, as_dict, as_flat
+
+EXACT_MAX_PARAMS = 10_000  # a dense float64 [P, P] is 0.8 GB at 10k, and the solve copies it about twice
+EXACT_CHUNK = 64  # unit vectors per product while forming A: bounds the vmapped K × batch activations
+
+
+class SolverWarning(RuntimeWarning):
+    """A solve that did not reach its tolerance (max_iter hit, negative curvature, rounding floor)."""
+
+
+@dataclass
+class SolveResult:
+    """The outcome of :func:`solve`.
+
+    solution: x in the form of ``rhs``. relative_residual: max_k ‖b_k − A x_k‖/‖b_k‖ from a fresh
+    product. residuals: the same per right-hand side (absolute ‖A x_k‖ for b_k = 0). iterations: CG
+    iterations, or for ``exact`` the operator products used to form A. converged: every residual ≤ tol
+    and no problem met. message: what happened, in words.
+    """
+
+    solution: Vector
+    relative_residual: float
+    residuals: list[float]
+    iterations: int
+    converged: bool
+    solver: str
+    seconds: float
+    message: str
+
+
+Outcome = tuple[torch.Tensor, int, list[str]]  # X [K, P], operator products or iterations, problems met
+Solver = Callable[..., Outcome]
+
+
+def _cg(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, progress: bool) -> Outcome:
+    x, r = torch.zeros_like(b), b.clone()
+    p, rs = r.clone(), (r * r).sum(dim=1)
+    bnorm = b.norm(dim=1)
+    active = bnorm > 0  # b_k = 0 has the exact answer x_k = 0
+    negative: dict[int, tuple[int, float]] = {}
+    it = 0
+    bar = tqdm(total=max_iter, desc="cg", disable=not progress, leave=False)
+    while bool(active.any()) and it < max_iter:
+        it += 1
+        idx = active.nonzero().squeeze(1)
+        ap = op.matvec(p[idx])
+        pap = (p[idx] * ap).sum(dim=1)
+        ok = pap > 0
+        for j, value in zip(idx[~ok].tolist(), pap[~ok].tolist()):  # A is not positive definite along p_j
+            negative[j] = (it, value)
+            active[j] = False
+        idx, ap, pap = idx[ok], ap[ok], pap[ok]
+        alpha = (rs[idx] / pap).unsqueeze(1)
+        x[idx] += alpha * p[idx]
+        r[idx] -= alpha * ap
+        rs_new = (r[idx] * r[idx]).sum(dim=1)
+        p[idx] = r[idx] + (rs_new / rs[idx]).unsqueeze(1) * p[idx]
+        rs[idx] = rs_new
+        active[idx[rs_new.sqrt() <= tol * bnorm[idx]]] = False
+        bar.update(1)
+        if progress:
+            bar.set_postfix(residual=f"{float((rs.sqrt() / bnorm.clamp_min(1e-300)).max()):.2e}")
+    bar.close()
+    problems = []
+    if negative:
+        detail = ", ".join(f"rhs {j} at iteration {i} (pᵀAp = {v:.3g})" for j, (i, v) in sorted(negative.items()))
+        problems.append(f"negative curvature met: {detail}; the curvature is indefinite there: "
+                        "raise damping or use curvature='ggn'")
+    if bool(active.any()):
+        problems.append(f"cg did not converge within max_iter={max_iter} for rhs {active.nonzero().squeeze(1).tolist()}: "
+                        "raise max_iter or damping, or loosen tol")
+    return x, it, problems
+
+
+def _exact(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, progress: bool) -> Outcome:
+    size = op.num_params
+    if size > EXACT_MAX_PARAMS:
+        raise ValueError(f"solver='exact' forms a dense {size}×{size} matrix; P={size} is above EXACT_MAX_PARAMS="
+                         f"{EXACT_MAX_PARAMS}: use solver='cg' (or restrict layers=)")
+    a = torch.empty(size, size, dtype=torch.float64, device=op.device)
+    starts = range(0, size, EXACT_CHUNK)
+    for s in tqdm(starts, desc="forming A", disable=not progress, leave=False):
+        k = min(EXACT_CHUNK, size - s)
+        units = torch.zeros(k, size, dtype=op.dtype, device=op.device)
+        units[torch.arange(k), torch.arange(s, s + k)] = 1
+        a[s:s + k] = op.matvec(units).double()  # rows A e_j = columns of A (A symmetric)
+    a = (a + a.T) / 2  # removes the rounding asymmetry so that Cholesky sees a symmetric matrix
+    rhs = b.double().T
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        x = torch.cholesky_solve(rhs, chol)
+    else:  # not positive definite (an undamped Hessian): LU still solves a non-singular A
+        x, info = torch.linalg.solve_ex(a, rhs)
+        if int(info) != 0 or not torch.isfinite(x).all():
+            raise ValueError("the curvature matrix is singular: raise damping (or weight_decay)")
+    return x.T.to(b.dtype), len(starts), []
+
+
+SOLVERS: dict[str, Solver] = {"cg": _cg, "exact": _exact}
+
+
+def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", tol: float = 1e-4, max_iter: int = 500,
+                   progress: bool = False) -> SolveResult:
+    """Solve op(x) = rhs with an already built :class:`CurvatureOperator` (reuse it across solves)."""
+    check_choice(solver, SOLVERS, "solver")
+    tol = check_number(tol, "tol", low=0.0, low_open=True)
+    max_iter = check_positive_int(max_iter, "max_iter")
+    start = time.perf_counter()
+    form = _Form(rhs, op.params)
+    b = as_flat({n: t.to(device=op.device, dtype=op.dtype) for n, t in as_dict(rhs, op.params).items()}, op.params)
+    if not torch.isfinite(b).all():
+        raise ValueError("rhs has non-finite entries")
+    x, iterations, problems = SOLVERS[solver](op, b, tol=tol, max_iter=max_iter, progress=progress)
+    r = b - op.matvec(x)  # our own true residual, from a fresh product
+    bnorm, rnorm = b.norm(dim=1), r.norm(dim=1)
+    residuals = torch.where(bnorm > 0, rnorm / bnorm.clamp_min(torch.finfo(b.dtype).tiny), rnorm).tolist()
+    worst = max(residuals)
+    if worst > tol and not problems:  # the solver thought it was done: rounding put a floor above tol
+        problems.append(f"the true residual {worst:.3g} is above tol={tol:g} although {solver} met it by its own "
+                        f"estimate: rounding ({op.dtype}) limits the accuracy; loosen tol or use float64")
+    converged = not problems and worst <= tol
+    message = (f"{solver}: {'converged' if converged else 'NOT converged'}, relative residual {worst:.3g} "
+               f"(tol {tol:g}) after {iterations} {'iterations' if solver == 'cg' else 'products'}")
+    if problems:
+        message += "; " + "; ".join(problems)
+        warnings.warn(message, SolverWarning, stacklevel=2)
+    solution = form.restore(as_dict(x, op.params), op.params)
+    return SolveResult(solution=solution, relative_residual=worst, residuals=residuals, iterations=iterations,
+                       converged=converged, solver=solver, seconds=time.perf_counter() - start, message=message)
+
+
+def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str = "cg", curvature: str = "ggn",
+          weight_decay: float = 0.0, damping: float = 0.0, tol: float = 1e-4, max_iter: int = 500, batch_size: int = 512,
+          layers: list[str] | None = None, device: str | torch.device | None = None, progress: bool = False) -> SolveResult:
+    """x = (C + (weight_decay + damping) I)⁻¹ rhs, with C the ``curvature`` of the mean loss over ``data``.
+
+    ``rhs``: flat [P] / [K, P] or dict name → [*shape] / [K, *shape] over ``trainable(model, layers)``;
+    ``solution`` has the same form. A solve that does not reach ``tol`` returns ``converged=False``
+    with the reason in ``message`` and warns once (:class:`SolverWarning`).
+    """
+    check_choice(solver, SOLVERS, "solver")
+    check_choice(curvature, CURVATURES, "curvature")
+    check_number(tol, "tol", low=0.0, low_open=True)
+    check_positive_int(max_iter, "max_iter")
+    op = CurvatureOperator(model, loss, data, kind=curvature, weight_decay=weight_decay, damping=damping,
+                           batch_size=batch_size, layers=layers, device=device)
+    return solve_operator(op, rhs, solver=solver, tol=tol, max_iter=max_iter, progress=progress)
+
+
+__all__ = ["EXACT_MAX_PARAMS", "SOLVERS", "SolveResult", "SolverWarning", "solve", "solve_operator"]
