@@ -1,6 +1,6 @@
 """unlearn_fast: machine unlearning that measures, and removes, the influence near-duplicates keep.
 
-Public face: :func:`load_dataset`, :func:`train`, :func:`attach`, :func:`unlearn`, :func:`compute_metrics`,
+Public face: :func:`load_dataset`, :func:`train`, :func:`attach`, :func:`unlearn`, :func:`influence_unlearn`, :func:`compute_metrics`,
 :func:`run_study`, and the registries ``METHODS`` and ``METRICS``.
 """
 
@@ -11,6 +11,7 @@ from .context import TrainingContext, attach, get_context
 from .data import DATASETS, SimilarDataset, load_dataset
 from . import evaluate  # the metric module: unlearn_fast.evaluate.METRICS
 from .evaluate import METRICS, Evaluation, compute_metrics
+from .influence import influence_unlearn
 from .methods import METHODS, unlearn
 from .models import MODELS, build_model
 from .train import train
@@ -27,6 +28,6 @@ def run_study(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
 
 __all__ = [
     "DATASETS", "METHODS", "METRICS", "MODELS", "Evaluation", "SimilarDataset", "TrainingContext",
-    "attach", "build_model", "compute_metrics", "evaluate", "get_context", "load_checkpoint", "load_dataset", "run_study",
+    "attach", "build_model", "compute_metrics", "evaluate", "get_context", "influence_unlearn", "load_checkpoint", "load_dataset", "run_study",
     "save_checkpoint", "train", "unlearn",
 ]

@@ -40,6 +40,8 @@ from ..validation import check_choice, check_number, check_positive_int, resolve
 from .vectors import Vector, as_dict, as_flat, num_params, trainable
 
 CURVATURES = ("ggn", "hessian", "fisher")
+# Upper bound on the cached per-layer factors of the Fisher products (beyond it, batches are re-run).
+FISHER_CACHE_BYTES = 1 << 30
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -151,6 +153,8 @@ class CurvatureOperator:
         state = {n: t.detach().to(self.device) for n, t in tensors.items()}
         self._values = {n: state.pop(n) for n in self.params}  # the variables of the products
         self._fixed = state  # frozen parameters and buffers
+        self._factor_cache: dict[tuple[int, int], Any] = {}
+        self._cached_bytes = 0
 
     # -- products ------------------------------------------------------------------------------
     def __call__(self, v: Vector) -> Vector:
@@ -235,11 +239,19 @@ class CurvatureOperator:
         return {n: torch.zeros_like(v[n]) if h is None else h.detach() for n, h in zip(names, hv)}
 
     def _fisher(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from .per_sample import (
-            fisher_vp,  # per-layer factored forms; returns Σ_i ⟨g_i, v_k⟩ g_i
-        )
+        from .per_sample import capture_factors, factors_fisher_vp
 
-        return fisher_vp(self.model, self.loss, (x, y), v, self.params)
+        # Each batch's layer factors (A, G) are captured once and reused by every later product (a
+        # CG solve makes dozens), as long as they fit FISHER_CACHE_BYTES; _refresh drops them when
+        # the parameters change.
+        key = (x.data_ptr(), x.shape[0])
+        factors = self._factor_cache.get(key)
+        if factors is None:
+            factors = capture_factors(self.model, self.loss, (x, y), self.params)
+            if self._cached_bytes + factors.nbytes() <= FISHER_CACHE_BYTES:
+                self._factor_cache[key] = factors
+                self._cached_bytes += factors.nbytes()
+        return factors_fisher_vp(factors, v, self.params)
 
 
 def curvature_vp(model: nn.Module, loss: Loss, data: Data, v: Vector, *, kind: str = "ggn", weight_decay: float = 0.0,

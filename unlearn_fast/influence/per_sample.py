@@ -179,6 +179,48 @@ def grad_norms(model: nn.Module, loss: Loss, batch: Batch, layers: list[str] | N
     return total.sqrt()
 
 
+@dataclass
+class Factors:
+    """A batch's cached per-layer (A, G) plus materialised fallback gradients: enough for any number
+    of Fisher products without re-running the model."""
+
+    captured: Captured
+    fallback: dict[str, torch.Tensor]
+    batch_size: int
+
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.captured.layers for t in (layer.a, layer.g)] + list(self.fallback.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def capture_factors(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> Factors:
+    """One forward/backward of ``batch``: the factors every Fisher product of this batch needs."""
+    with eval_mode(model):
+        cap = capture(model, loss, batch, params)
+        fallback = _fallback_grads(model, loss, batch, cap.fallback) if cap.fallback else {}
+    return Factors(cap, fallback, batch[0].shape[0])
+
+
+def factors_fisher_vp(factors: Factors, vectors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Σ_i ⟨g_i, v_k⟩ g_i over the cached batch → name → [K, *shape]: c = Σ_layers dots, then (diag(c)G)ᵀA."""
+    k = next(iter(vectors.values())).shape[0]
+    if factors.batch_size == 0:
+        return {name: torch.zeros_like(vectors[name]) for name in params}
+    cap = factors.captured
+    c = torch.zeros(factors.batch_size, k, dtype=cap.losses.dtype, device=cap.losses.device)
+    for layer in cap.layers:
+        c += layer.rule.dots(layer.module, layer.a, layer.g, {l: vectors[f].to(layer.g.dtype) for l, f in layer.names.items()})
+    for name, g in factors.fallback.items():
+        c += _rows(g) @ _rows(vectors[name]).to(g.dtype).T
+    out: dict[str, torch.Tensor] = {}
+    for layer in cap.layers:
+        for local, value in layer.rule.weighted_sum(layer.module, layer.a, layer.g, c).items():
+            out[layer.names[local]] = _check_finite(value, "Fisher product", f"layer {layer.module_name!r}")
+    for name, g in factors.fallback.items():
+        out[name] = (c.T @ _rows(g)).reshape(k, *g.shape[1:])
+    return {name: out[name] for name in params}
+
+
 def fisher_vp(model: nn.Module, loss: Loss, batch: Batch, vectors: dict[str, torch.Tensor],
               params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Σ_i ⟨g_i, v_k⟩ g_i over the batch (the empirical-Fisher product, unnormalised) → name → [K, *shape].
@@ -187,22 +229,7 @@ def fisher_vp(model: nn.Module, loss: Loss, batch: Batch, vectors: dict[str, tor
     """
     if batch[0].shape[0] == 0:
         return {name: torch.zeros_like(vectors[name]) for name in params}
-    with eval_mode(model):
-        cap = capture(model, loss, batch, params)
-        k = next(iter(vectors.values())).shape[0]
-        c = torch.zeros(batch[0].shape[0], k, dtype=cap.losses.dtype, device=cap.losses.device)
-        for layer in cap.layers:
-            c += layer.rule.dots(layer.module, layer.a, layer.g, {l: vectors[f].to(layer.g.dtype) for l, f in layer.names.items()})
-        fallback = _fallback_grads(model, loss, batch, cap.fallback) if cap.fallback else {}
-        for name, g in fallback.items():
-            c += _rows(g) @ _rows(vectors[name]).to(g.dtype).T
-        out: dict[str, torch.Tensor] = {}
-        for layer in cap.layers:
-            for local, value in layer.rule.weighted_sum(layer.module, layer.a, layer.g, c).items():
-                out[layer.names[local]] = _check_finite(value, "Fisher product", f"layer {layer.module_name!r}")
-        for name, g in fallback.items():
-            out[name] = (c.T @ _rows(g)).reshape(k, *g.shape[1:])
-    return {name: out[name] for name in params}
+    return factors_fisher_vp(capture_factors(model, loss, batch, params), vectors, params)
 
 
 def loss_gradient(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
