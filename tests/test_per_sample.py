@@ -102,11 +102,12 @@ def test_embedding_layernorm_with_padding(b, t, vocab, d, k, dtype, seed):
     _check(TextModel(vocab, d, 3), (ids, torch.randint(0, 3, (b,))), dtype, k, seed)
 
 
-@pytest.mark.parametrize("t, d_in, d_hidden", [(3, 8, 8), (9, 2, 3)])  # ghost form (2T² < d_in·d_out), then materialised
-def test_sequence_linear_both_norm_forms(t, d_in, d_hidden):
+@pytest.mark.parametrize("k", [1, 3])  # K=1: factored dots over T positions; K=3: chunked per-sample dots
+@pytest.mark.parametrize("t, d_in, d_hidden", [(3, 8, 8), (9, 2, 3), (4, 9, 2)])  # ghost norms, then materialised
+def test_sequence_linear_both_forms(t, d_in, d_hidden, k):
     torch.manual_seed(0)
     model = SequenceModel(d_in, d_hidden, 4)
-    _check(model, (torch.randn(5, t, d_in), torch.randint(0, 4, (5,))), torch.float64, 3)
+    _check(model, (torch.randn(5, t, d_in), torch.randint(0, 4, (5,))), torch.float64, k)
 
 
 def test_gpt2_block_conv1d_with_padded_sequences():

@@ -12,7 +12,8 @@ A rule provides the per-sample gradient g_i in factored form, and the products b
 - ``weighted_sum``:  Σ_i c_{i,k} g_i             → [K, *shape]
 - ``per_sample``:    g_i materialised             → [B, *shape] (reference and small layers only)
 
-For Linear-type layers g_i = G_iᵀA_i is never built: ⟨g_i, V⟩ = Σ_t g_{i,t}ᵀ V a_{i,t}, and
+For Linear-type layers g_i = G_iᵀA_i is never built for the whole batch: ⟨g_i, V⟩ = Σ_t g_{i,t}ᵀ V a_{i,t}
+(or, when T·K > T + K makes it cheaper, g_i built for a bounded chunk of samples), and
 ‖g_i‖² = ⟨A_iA_iᵀ, G_iG_iᵀ⟩ (the "ghost" form) when 2T² < d_in·d_out. A layer type not in the
 table falls back to chunked torch.func materialisation (see per_sample.py).
 """
@@ -30,6 +31,41 @@ MAX_INTERMEDIATE = 1 << 25
 
 def _k_chunks(k: int, per_k: int) -> int:
     return max(1, min(k, MAX_INTERMEDIATE // max(per_k, 1)))
+
+
+def _linear_weight_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """⟨G_iᵀA_i, W_k⟩ for A [B, T, d_in], G [B, T, d_out], W [K, d_out, d_in] → [B, K].
+
+    Two exact orders, chosen by arithmetic:
+    - factored, Σ_t g_tᵀ W_k a_t: one GEMM [B·T, d] × [d, K·d'] (contracting the smaller of
+      d_in/d_out last), B·T·K·d_in·d_out multiply-adds; best when T = 1 or K = 1;
+    - per-sample gradients G_iᵀA_i built for a chunk of samples at a time, then one GEMM with the
+      K vectors: B·(T + K)·d_in·d_out. Never the whole [B, d_out, d_in] at once.
+    """
+    b, t, d_out = g.shape
+    d_in = a.shape[-1]
+    k = w.shape[0]
+    out = torch.empty(b, k, dtype=g.dtype, device=g.device)
+    if t * k <= t + k:
+        if d_in <= d_out:  # (A Wᵀ) [B·T, K, d_out] · G
+            step = _k_chunks(k, b * t * d_out)
+            for k0 in range(0, k, step):
+                wk = w[k0:k0 + step]
+                av = (a.reshape(b * t, d_in) @ wk.reshape(-1, d_in).T).reshape(b, t, -1, d_out)
+                out[:, k0:k0 + step] = torch.einsum("btko,bto->bk", av, g)
+        else:  # (G W) [B·T, K, d_in] · A
+            step = _k_chunks(k, b * t * d_in)
+            for k0 in range(0, k, step):
+                wk = w[k0:k0 + step]
+                gw = (g.reshape(b * t, d_out) @ wk.transpose(0, 1).reshape(d_out, -1)).reshape(b, t, -1, d_in)
+                out[:, k0:k0 + step] = torch.einsum("btki,bti->bk", gw, a)
+        return out
+    flat_w = w.reshape(k, -1)
+    step = max(1, MAX_INTERMEDIATE // (d_in * d_out))
+    for s in range(0, b, step):
+        per_sample = torch.bmm(g[s:s + step].transpose(1, 2), a[s:s + step])  # [chunk, d_out, d_in]
+        out[s:s + step] = per_sample.reshape(per_sample.shape[0], -1) @ flat_w.T
+    return out
 
 
 class Rule:
@@ -88,12 +124,7 @@ class LinearRule(Rule):
         total = torch.zeros(b, next(iter(v.values())).shape[0], dtype=g.dtype, device=g.device)
         if "weight" in names:
             w = self.to_matrix(module, v["weight"])  # [K, d_out, d_in]
-            step = _k_chunks(w.shape[0], b * t * d_out)
-            for k0 in range(0, w.shape[0], step):
-                wk = w[k0:k0 + step]
-                # (A Vᵀ)[b, k, t, o] then contract with G over (t, o): one GEMM, no [B, d_out, d_in].
-                av = torch.matmul(a.unsqueeze(1), wk.transpose(1, 2).unsqueeze(0))
-                total[:, k0:k0 + step] += (av * g.unsqueeze(1)).sum(dim=(2, 3))
+            total += _linear_weight_dots(a, g, w)
         if "bias" in names:
             total += g.sum(1) @ v["bias"].T
         return total

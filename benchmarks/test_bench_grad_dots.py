@@ -1,0 +1,316 @@
+"""Per-sample gradient dot products ⟨∇ℓ_i, v_k⟩: ``grad_dots`` against torch.func (peer).
+
+Two groups, each timed in one run against its peer:
+
+- MLP 1024-1024-10, B=256, K=8: ``grad_dots``; the peer, torch.func ``vmap(grad)`` materialising
+  the per-sample gradients in chunks of 64 samples and then one GEMM with the K vectors (the usual
+  way); Opacus ``GradSampleModule`` per-sample gradients then the same GEMM (skipped when opacus is
+  not installed); and the floor, one plain forward+backward of the batch plus one GEMM per Linear
+  of the size of the dot contraction ([B·T, d_in] @ [d_in, K·d_out]).
+- sequences, Linear(768, 768) over [B, T=128, 768], mean-pool, Linear(768, 10); B=8, K=4:
+  ``grad_dots`` against the same torch.func peer (and Opacus when installed).
+
+Memory: tracemalloc does not see torch's CPU allocations, so each entry records in ``extra_info``
+(a) ``peak_rss_growth_mib``: the growth of the peak resident set while the path runs once on
+the full batch, measured in a fresh subprocess (this file run as a script) after the setup and a
+1-sample warm-up: the peak (VmHWM) is reset through /proc/self/clear_refs and read back from
+/proc/self/status, minus the resident set before the run (``ru_maxrss`` is no use here: after
+fork+exec it keeps the parent's peak, i.e. pytest's). Large intermediates are mmap'ed by glibc and
+returned when freed, so this tracks them to within a few MiB; and (b) ``largest_intermediate_elements``: the analytic element count of the
+largest intermediate the method needs by design (what the implementation actually allocates is
+what (a) measures).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from unlearn_fast.influence.per_sample import grad_dots
+
+MLP_GROUP = "grad_dots MLP 1024-1024-10 B=256 K=8"
+SEQ_GROUP = "grad_dots sequences T=128 d=768 B=8 K=4"
+FUNC_CHUNK = 64    # samples per torch.func vmap call (bounds the peer's [chunk, P] materialisation)
+MLP_ROUNDS = 5
+SEQ_ROUNDS = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Setups (module-level functions: the fixtures and the peak-memory subprocess build the same ones)
+
+
+class SeqModel(nn.Module):
+    """Linear(768, 768) applied per position of [B, T, 768], ReLU, mean over T, Linear(768, 10)."""
+
+    def __init__(self, d: int = 768, classes: int = 10) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.proj(x)).mean(1))
+
+
+def _vectors(model: nn.Module, k: int) -> dict[str, torch.Tensor]:
+    return {n: torch.randn(k, *p.shape) for n, p in model.named_parameters()}
+
+
+def mlp_setup(batch_size: int = 256, k: int = 8):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    x, y = torch.randn(256, 1024)[:batch_size], torch.randint(0, 10, (256,))[:batch_size]
+    return model, (x, y), _vectors(model, k)
+
+
+def seq_setup(batch_size: int = 8, k: int = 4):
+    torch.manual_seed(0)
+    model = SeqModel()
+    x, y = torch.randn(8, 128, 768)[:batch_size], torch.randint(0, 10, (8,))[:batch_size]
+    return model, (x, y), _vectors(model, k)
+
+
+SETUPS = {MLP_GROUP: mlp_setup, SEQ_GROUP: seq_setup}
+
+
+# ---------------------------------------------------------------------------------------------
+# The paths compared
+
+
+def ours_dots(model, batch, vectors):
+    return grad_dots(model, "cross_entropy", batch, vectors)
+
+
+def func_dots(model, batch, vectors, chunk: int = FUNC_CHUNK):
+    """torch.func: vmap(grad) per-sample gradients [chunk, *shape] per parameter, then dots."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    flat_v = {n: v.reshape(v.shape[0], -1) for n, v in vectors.items()}
+
+    def sample_loss(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    x, y = batch
+    parts = []
+    for s in range(0, x.shape[0], chunk):
+        g = per_sample(params, x[s:s + chunk], y[s:s + chunk])
+        parts.append(sum(g[n].reshape(g[n].shape[0], -1) @ flat_v[n].T for n in params))
+    return torch.cat(parts)
+
+
+def make_opacus(model):
+    """Opacus GradSampleModule around a copy of ``model`` (it adds hooks to the module it wraps)."""
+    import copy
+
+    from opacus import GradSampleModule
+
+    return GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="sum")
+
+
+def opacus_dots(gsm, batch, vectors):
+    x, y = batch
+    F.cross_entropy(gsm(x), y, reduction="sum").backward()
+    with torch.no_grad():
+        total = sum(p.grad_sample.reshape(x.shape[0], -1) @ vectors[n].reshape(vectors[n].shape[0], -1).T
+                    for n, p in gsm._module.named_parameters())
+    gsm.zero_grad(set_to_none=True)  # drops p.grad and p.grad_sample
+    return total
+
+
+def floor_dots(model, batch, vectors):
+    """The floor: one forward+backward of Σℓ_i w.r.t. the parameters, plus per Linear one GEMM
+    [B·T, d_in] @ [d_in, K·d_out] (the size of the factored dot contraction)."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
+               for name, m in linears]
+    try:
+        x, y = batch
+        losses = F.cross_entropy(model(x), y, reduction="none")
+    finally:
+        for h in handles:
+            h.remove()
+    grads = torch.autograd.grad(losses.sum(), list(model.parameters()))
+    gemms = []
+    for name, m in linears:
+        d_in = m.in_features
+        gemms.append(inputs[name].reshape(-1, d_in) @ vectors[f"{name}.weight"].reshape(-1, d_in).T)
+    return grads, gemms
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: analytic largest intermediates and the measured peak-RSS growth (in a subprocess)
+
+
+def _linears(model):
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def largest_intermediate(path: str, model: nn.Module, batch, k: int) -> int:
+    """Elements of the largest intermediate each method needs by design (see the module docstring)."""
+    b = batch[0].shape[0]
+    t = batch[0][0].numel() // batch[0].shape[-1]  # positions per sample (1 for the MLP)
+    p_total = sum(p.numel() for p in model.parameters())
+    if path == "ours":  # per Linear: (A Vᵀ) [B, K, T, d_out], never [B, P]
+        return max(b * k * t * m.out_features for m in _linears(model))
+    if path == "func":  # per-sample gradients of one chunk: [chunk, P]
+        return min(b, FUNC_CHUNK) * p_total
+    if path == "opacus":  # every grad_sample at once: [B, P]
+        return b * p_total
+    if path == "floor":  # the GEMM output [B·T, K·d_out] or the weight gradient, whichever is larger
+        return max(max(b * t * k * m.out_features, m.weight.numel()) for m in _linears(model))
+    raise ValueError(path)
+
+
+def _run_path(path: str, model, batch, vectors):
+    if path == "ours":
+        return ours_dots(model, batch, vectors)
+    if path == "func":
+        return func_dots(model, batch, vectors)
+    if path == "floor":
+        return floor_dots(model, batch, vectors)
+    if path == "opacus":
+        return opacus_dots(make_opacus(model), batch, vectors)
+    raise ValueError(path)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_rss_main(group: str, path: str) -> None:
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, harmless
+    torch.set_num_threads(2)
+    model, batch, vectors = SETUPS[group]()
+    _run_path(path, model, (batch[0][:1], batch[1][:1]), vectors)  # warm-up: lazy inits, thread pools
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    before = _status_kib("VmRSS")
+    _run_path(path, model, batch, vectors)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_rss_growth_mib": round((peak - before) / 1024, 1)}))
+
+
+def record_memory(benchmark, group: str, path: str, model, batch, vectors) -> None:
+    benchmark.extra_info["largest_intermediate_elements"] = largest_intermediate(path, model, batch, next(iter(vectors.values())).shape[0])
+    proc = subprocess.run([sys.executable, __file__, group, path], capture_output=True, text=True, timeout=600)
+    if proc.returncode == 0:
+        benchmark.extra_info.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    else:
+        benchmark.extra_info["peak_rss_growth_mib"] = None
+        benchmark.extra_info["peak_rss_error"] = proc.stderr.strip().splitlines()[-1:]
+
+
+def _assert_matches(result: torch.Tensor, reference: torch.Tensor) -> None:
+    # Sums over ~10⁶ float32 products: relative tolerance against the largest entry.
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(result, reference, rtol=1e-4, atol=1e-4 * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model, batch, vectors = mlp_setup()
+    return model, batch, vectors, func_dots(model, batch, vectors)
+
+
+@pytest.fixture(scope="module")
+def seq():
+    model, batch, vectors = seq_setup()
+    return model, batch, vectors, func_dots(model, batch, vectors)
+
+
+def _pedantic(benchmark, fn, args, rounds):
+    return benchmark.pedantic(fn, args=args, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group 1: MLP
+
+
+def test_mlp_grad_dots(benchmark, mlp):
+    model, batch, vectors, reference = mlp
+    benchmark.group = MLP_GROUP
+    result = _pedantic(benchmark, ours_dots, (model, batch, vectors), MLP_ROUNDS)
+    record_memory(benchmark, MLP_GROUP, "ours", model, batch, vectors)
+    _assert_matches(result, reference)
+
+
+def test_mlp_func_peer(benchmark, mlp):
+    model, batch, vectors, _ = mlp
+    benchmark.group = MLP_GROUP
+    benchmark.extra_info["peer"] = True
+    _pedantic(benchmark, func_dots, (model, batch, vectors), MLP_ROUNDS)
+    record_memory(benchmark, MLP_GROUP, "func", model, batch, vectors)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_mlp_opacus(benchmark, mlp):
+    pytest.importorskip("opacus")
+    model, batch, vectors, reference = mlp
+    benchmark.group = MLP_GROUP
+    gsm = make_opacus(model)
+    result = _pedantic(benchmark, opacus_dots, (gsm, batch, vectors), MLP_ROUNDS)
+    record_memory(benchmark, MLP_GROUP, "opacus", model, batch, vectors)
+    _assert_matches(result, reference)
+
+
+def test_mlp_floor(benchmark, mlp):
+    model, batch, vectors, _ = mlp
+    benchmark.group = MLP_GROUP
+    _pedantic(benchmark, floor_dots, (model, batch, vectors), MLP_ROUNDS)
+    record_memory(benchmark, MLP_GROUP, "floor", model, batch, vectors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group 2: sequences
+
+
+def test_seq_grad_dots(benchmark, seq):
+    model, batch, vectors, reference = seq
+    benchmark.group = SEQ_GROUP
+    result = _pedantic(benchmark, ours_dots, (model, batch, vectors), SEQ_ROUNDS)
+    record_memory(benchmark, SEQ_GROUP, "ours", model, batch, vectors)
+    _assert_matches(result, reference)
+
+
+def test_seq_func_peer(benchmark, seq):
+    model, batch, vectors, _ = seq
+    benchmark.group = SEQ_GROUP
+    benchmark.extra_info["peer"] = True
+    _pedantic(benchmark, func_dots, (model, batch, vectors), SEQ_ROUNDS)
+    record_memory(benchmark, SEQ_GROUP, "func", model, batch, vectors)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_seq_opacus(benchmark, seq):
+    pytest.importorskip("opacus")
+    model, batch, vectors, reference = seq
+    benchmark.group = SEQ_GROUP
+    gsm = make_opacus(model)
+    result = _pedantic(benchmark, opacus_dots, (gsm, batch, vectors), SEQ_ROUNDS)
+    record_memory(benchmark, SEQ_GROUP, "opacus", model, batch, vectors)
+    _assert_matches(result, reference)
+
+
+if __name__ == "__main__":  # peak-memory probe: python test_bench_grad_dots.py GROUP PATH
+    _peak_rss_main(sys.argv[1], sys.argv[2])
