@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import unlearn_fast as uf
+from helpers import fit_logistic_to_optimum
 
 torch.set_num_threads(2)
 
@@ -22,3 +23,24 @@ def trained_mlp(small_digits: uf.SimilarDataset) -> torch.nn.Module:
     torch.manual_seed(0)
     model = uf.build_model("mlp", small_digits.input_shape, small_digits.num_classes, hidden=(32,))
     return uf.train(model, small_digits, epochs=3, lr=0.1, batch_size=64, weight_decay=5e-4, seed=0, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def breast_cancer_logistic():
+    """The certified-removal setting: L2-regularised logistic regression on sklearn's breast cancer.
+
+    Returns (model at the optimum, TensorDataset, 25 forget ids, model retrained to the optimum
+    without them), all float64.
+    """
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    x = torch.tensor((bunch.data - bunch.data.mean(0)) / bunch.data.std(0), dtype=torch.float64)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    torch.manual_seed(0)
+    model = fit_logistic_to_optimum(torch.nn.Linear(30, 2).double(), x, y)
+    forget = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:25].tolist()
+    keep = torch.tensor([i for i in range(len(x)) if i not in set(forget)])
+    torch.manual_seed(0)
+    retrained = fit_logistic_to_optimum(torch.nn.Linear(30, 2).double(), x[keep], y[keep])
+    return model, torch.utils.data.TensorDataset(x, y), forget, retrained

@@ -8,52 +8,17 @@ import torch
 from torch import nn
 
 import unlearn_fast as uf
+from helpers import LOGISTIC_LAMBDA, flat
 from unlearn_fast.context import get_context
 from unlearn_fast.influence.unlearn import influence_unlearn
 
-LAMBDA = 1e-2
-
-
-def _fit_to_optimum(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
-    """Minimise mean CE + (λ/2)‖θ‖² to machine precision with L-BFGS in float64."""
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-15,
-                            history_size=50, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        objective = nn.functional.cross_entropy(model(x), y) + LAMBDA / 2 * sum(p.pow(2).sum() for p in model.parameters())
-        objective.backward()
-        return objective
-
-    for _ in range(5):
-        opt.step(closure)
-    return model
-
-
-@pytest.fixture(scope="module")
-def logistic():
-    from sklearn.datasets import load_breast_cancer
-
-    bunch = load_breast_cancer()
-    x = torch.tensor((bunch.data - bunch.data.mean(0)) / bunch.data.std(0), dtype=torch.float64)
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    data = torch.utils.data.TensorDataset(x, y)
-    torch.manual_seed(0)
-    model = _fit_to_optimum(nn.Linear(30, 2).double(), x, y)
-    forget = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:25].tolist()
-    keep = torch.tensor([i for i in range(len(x)) if i not in set(forget)])
-    torch.manual_seed(0)
-    retrained = _fit_to_optimum(nn.Linear(30, 2).double(), x[keep], y[keep])
-    return model, data, forget, retrained
-
-
-def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+LAMBDA = LOGISTIC_LAMBDA
+_flat = flat
 
 
 @pytest.mark.parametrize("solver, curvature", [("exact", "hessian"), ("exact", "ggn"), ("cg", "ggn"), ("cg", "hessian")])
-def test_certified_removal_logistic_regression(logistic, solver, curvature):
-    model, data, forget, retrained = logistic
+def test_certified_removal_logistic_regression(breast_cancer_logistic, solver, curvature):
+    model, data, forget, retrained = breast_cancer_logistic
     model = uf.attach(_clone(model), data, "cross_entropy", weight_decay=LAMBDA)
     before = _flat(model)
     report = influence_unlearn(model, forget, solver=solver, curvature=curvature, damping=0.0, tol=1e-10,
@@ -71,8 +36,8 @@ def _clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def test_forget_and_retain_gradients_agree_at_the_optimum(logistic):
-    model, data, forget, _ = logistic
+def test_forget_and_retain_gradients_agree_at_the_optimum(breast_cancer_logistic):
+    model, data, forget, _ = breast_cancer_logistic
     steps = []
     for gradient in ("forget", "retain"):
         m = uf.attach(_clone(model), data, "cross_entropy", weight_decay=LAMBDA)
@@ -131,8 +96,8 @@ def test_whole_train_set_and_missing_context(small_digits):
         influence_unlearn(model, [0, 1, 2], progress=False)
 
 
-def test_non_finite_step_leaves_the_model_unchanged(logistic, monkeypatch):
-    model, data, forget, _ = logistic
+def test_non_finite_step_leaves_the_model_unchanged(breast_cancer_logistic, monkeypatch):
+    model, data, forget, _ = breast_cancer_logistic
     m = uf.attach(_clone(model), data, "cross_entropy", weight_decay=LAMBDA)
     before = _flat(m)
     import unlearn_fast.influence.unlearn as module

@@ -72,7 +72,7 @@ def _data_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, labels
 
 
-class _Form:
+class VectorForm:
     """Remembers how a vector came in (flat or dict, with or without K, dtype, device) to give it back so."""
 
     def __init__(self, v: Vector, params: Mapping[str, torch.Tensor]) -> None:
@@ -162,7 +162,7 @@ class CurvatureOperator:
 
     def matvec(self, v: Vector) -> Vector:
         """(C + (λ+δ) I) v for v flat [P] / [K, P] or dict name → [*shape] / [K, *shape], in v's form."""
-        form = _Form(v, self.params)
+        form = VectorForm(v, self.params)
         vd = {n: t.to(device=self.device, dtype=self.params[n].dtype) for n, t in as_dict(v, self.params).items()}
         bad = [n for n, t in vd.items() if not torch.isfinite(t).all()]
         if bad:

@@ -95,7 +95,7 @@ def capture(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Par
     return Captured(losses.detach(), layers, fallback)
 
 
-def _fallback_grads(model: nn.Module, loss: Loss, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
+def fallback_grads(model: nn.Module, loss: Loss, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
     """Materialised per-sample gradients [B, *shape] of ``names`` by torch.func, in chunks of samples."""
     fixed = {n: p.detach() for n, p in model.named_parameters()}
     fixed.update({n: b for n, b in model.named_buffers()})
@@ -127,7 +127,7 @@ def per_sample_grads(model: nn.Module, loss: Loss, batch: Batch, layers: list[st
     """Reference: every per-sample gradient ∇ℓ_i materialised, name → [B, *shape] (torch.func)."""
     params = trainable(model, layers)
     with eval_mode(model):
-        return _fallback_grads(model, loss, batch, list(params))
+        return fallback_grads(model, loss, batch, list(params))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -158,7 +158,7 @@ def grad_dots(model: nn.Module, loss: Loss, batch: Batch, vectors: Vector, layer
             local_v = {local: v[full].to(layer.g.dtype) for local, full in layer.names.items()}
             total += _check_finite(layer.rule.dots(layer.module, layer.a, layer.g, local_v), "gradient dot", f"layer {layer.module_name!r}")
         if cap.fallback:
-            for name, g in _fallback_grads(model, loss, batch, cap.fallback).items():
+            for name, g in fallback_grads(model, loss, batch, cap.fallback).items():
                 total += _check_finite(_rows(g) @ _rows(v[name]).to(g.dtype).T, "gradient dot", f"parameter {name!r}")
     return total
 
@@ -174,7 +174,7 @@ def grad_norms(model: nn.Module, loss: Loss, batch: Batch, layers: list[str] | N
         for layer in cap.layers:
             total += _check_finite(layer.rule.sq_norms(layer.module, layer.a, layer.g), "gradient norm", f"layer {layer.module_name!r}")
         if cap.fallback:
-            for name, g in _fallback_grads(model, loss, batch, cap.fallback).items():
+            for name, g in fallback_grads(model, loss, batch, cap.fallback).items():
                 total += _check_finite(_rows(g).pow(2).sum(1), "gradient norm", f"parameter {name!r}")
     return total.sqrt()
 
@@ -197,7 +197,7 @@ def capture_factors(model: nn.Module, loss: Loss, batch: Batch, params: dict[str
     """One forward/backward of ``batch``: the factors every Fisher product of this batch needs."""
     with eval_mode(model):
         cap = capture(model, loss, batch, params)
-        fallback = _fallback_grads(model, loss, batch, cap.fallback) if cap.fallback else {}
+        fallback = fallback_grads(model, loss, batch, cap.fallback) if cap.fallback else {}
     return Factors(cap, fallback, batch[0].shape[0])
 
 

@@ -14,6 +14,14 @@ operator products used, problems found); a new solver such as kfac, ekfac or lis
   and stops that column.
 - ``exact``: A formed densely, column chunks at a time (A e_j for EXACT_CHUNK unit vectors per product),
   symmetrised, and solved in float64 (Cholesky; LU when A is not positive definite).
+- ``kfac`` / ``ekfac`` (:mod:`.kfac`): direct APPROXIMATE solves with a block-diagonal Kronecker-factored
+  curvature (eigenvalue-corrected for ekfac), built in one pass over the data (two for ekfac); tol and
+  max_iter do not apply. Such a solver carries ``approximate = True``: its true residual measures the
+  approximation error, not convergence, so it is reported (``SolveResult.approximate``) but neither
+  warned about nor held against ``converged``.
+
+``preconditioner="kfac"`` / ``"ekfac"`` (``solver="cg"`` only) runs preconditioned CG with
+(M + (λ+δ) I)⁻¹ from :func:`.kfac.kronecker_preconditioner` (for the Hessian, M estimates the GGN).
 
 Whatever the solver, the reported residuals ‖b_k − A x_k‖ / ‖b_k‖ come from one fresh product at the
 end: the true residual, not CG's recursive estimate (which drifts from it under rounding).
@@ -32,7 +40,8 @@ from tqdm.auto import tqdm
 
 from ..losses import Loss
 from ..validation import check_choice, check_number, check_positive_int
-from .curvature import CURVATURES, CurvatureOperator, Data, _Form
+from .curvature import CURVATURES, CurvatureOperator, Data, VectorForm
+from .kfac import ekfac_solver, kfac_solver, kronecker_preconditioner
 from .vectors import Vector, as_dict, as_flat
 
 EXACT_MAX_PARAMS = 10_000  # a dense float64 [P, P] is 0.8 GB at 10k, and the solve copies it about twice
@@ -49,8 +58,10 @@ class SolveResult:
 
     solution: x in the form of ``rhs``. relative_residual: max_k ‖b_k − A x_k‖/‖b_k‖ from a fresh
     product. residuals: the same per right-hand side (absolute ‖A x_k‖ for b_k = 0). iterations: CG
-    iterations, or for ``exact`` the operator products used to form A. converged: every residual ≤ tol
-    and no problem met. message: what happened, in words.
+    iterations, for ``exact`` the operator products used to form A, for ``kfac``/``ekfac`` the passes
+    over the data. converged: every residual ≤ tol and no problem met; for an ``approximate`` solver
+    (kfac, ekfac) no problem met: its residual is the approximation error against the exact curvature
+    and tol does not apply. message: what happened, in words.
     """
 
     solution: Vector
@@ -61,15 +72,22 @@ class SolveResult:
     solver: str
     seconds: float
     message: str
+    approximate: bool = False
 
 
 Outcome = tuple[torch.Tensor, int, list[str]]  # X [K, P], operator products or iterations, problems met
 Solver = Callable[..., Outcome]
 
 
-def _cg(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, progress: bool) -> Outcome:
+def _cg(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, progress: bool,
+        precondition: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Outcome:
+    """(Preconditioned) CG; ``precondition``: r [k, P] ↦ M⁻¹ r for an SPD M (None: M = I)."""
+    def pre(t: torch.Tensor) -> torch.Tensor:
+        return t if precondition is None or t.shape[0] == 0 else precondition(t)
+
     x, r = torch.zeros_like(b), b.clone()
-    p, rs = r.clone(), (r * r).sum(dim=1)
+    z = pre(r)
+    p, rs = z.clone(), (r * z).sum(dim=1)  # rs = rᵀ M⁻¹ r (= rᵀr without a preconditioner)
     bnorm = b.norm(dim=1)
     active = bnorm > 0  # b_k = 0 has the exact answer x_k = 0
     negative: dict[int, tuple[int, float]] = {}
@@ -88,13 +106,14 @@ def _cg(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, pr
         alpha = (rs[idx] / pap).unsqueeze(1)
         x[idx] += alpha * p[idx]
         r[idx] -= alpha * ap
-        rs_new = (r[idx] * r[idx]).sum(dim=1)
-        p[idx] = r[idx] + (rs_new / rs[idx]).unsqueeze(1) * p[idx]
+        z = pre(r[idx])
+        rs_new = (r[idx] * z).sum(dim=1)
+        p[idx] = z + (rs_new / rs[idx]).unsqueeze(1) * p[idx]
         rs[idx] = rs_new
-        active[idx[rs_new.sqrt() <= tol * bnorm[idx]]] = False
+        active[idx[r[idx].norm(dim=1) <= tol * bnorm[idx]]] = False
         bar.update(1)
         if progress:
-            bar.set_postfix(residual=f"{float((rs.sqrt() / bnorm.clamp_min(1e-300)).max()):.2e}")
+            bar.set_postfix(residual=f"{float((r.norm(dim=1) / bnorm.clamp_min(1e-300)).max()):.2e}")
     bar.close()
     problems = []
     if negative:
@@ -131,47 +150,68 @@ def _exact(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int,
     return x.T.to(b.dtype), len(starts), []
 
 
-SOLVERS: dict[str, Solver] = {"cg": _cg, "exact": _exact}
+SOLVERS: dict[str, Solver] = {"cg": _cg, "exact": _exact, "kfac": kfac_solver, "ekfac": ekfac_solver}
+PRECONDITIONERS = ("kfac", "ekfac")  # for solver="cg"
 
 
 def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", tol: float = 1e-4, max_iter: int = 500,
-                   progress: bool = False) -> SolveResult:
+                   progress: bool = False, preconditioner: str | None = None) -> SolveResult:
     """Solve op(x) = rhs with an already built :class:`CurvatureOperator` (reuse it across solves)."""
     check_choice(solver, SOLVERS, "solver")
+    if preconditioner is not None:
+        check_choice(preconditioner, PRECONDITIONERS, "preconditioner")
+        if solver != "cg":
+            raise ValueError(f"preconditioner={preconditioner!r} works with solver='cg' only, not solver={solver!r}; "
+                             "use preconditioner=None")
     tol = check_number(tol, "tol", low=0.0, low_open=True)
     max_iter = check_positive_int(max_iter, "max_iter")
     start = time.perf_counter()
-    form = _Form(rhs, op.params)
+    form = VectorForm(rhs, op.params)
     b = as_flat({n: t.to(device=op.device, dtype=op.dtype) for n, t in as_dict(rhs, op.params).items()}, op.params)
     if not torch.isfinite(b).all():
         raise ValueError("rhs has non-finite entries")
-    x, iterations, problems = SOLVERS[solver](op, b, tol=tol, max_iter=max_iter, progress=progress)
+    extra = {}
+    if preconditioner is not None:
+        extra["precondition"] = kronecker_preconditioner(op, eigen_correct=preconditioner == "ekfac", progress=progress)
+    x, iterations, problems = SOLVERS[solver](op, b, tol=tol, max_iter=max_iter, progress=progress, **extra)
+    approximate = bool(getattr(SOLVERS[solver], "approximate", False))
     r = b - op.matvec(x)  # our own true residual, from a fresh product
     bnorm, rnorm = b.norm(dim=1), r.norm(dim=1)
     residuals = torch.where(bnorm > 0, rnorm / bnorm.clamp_min(torch.finfo(b.dtype).tiny), rnorm).tolist()
     worst = max(residuals)
-    if worst > tol and not problems:  # the solver thought it was done: rounding put a floor above tol
+    if worst > tol and not problems and not approximate:  # the solver thought it was done: rounding put a floor above tol
         problems.append(f"the true residual {worst:.3g} is above tol={tol:g} although {solver} met it by its own "
                         f"estimate: rounding ({op.dtype}) limits the accuracy; loosen tol or use float64")
-    converged = not problems and worst <= tol
-    message = (f"{solver}: {'converged' if converged else 'NOT converged'}, relative residual {worst:.3g} "
-               f"(tol {tol:g}) after {iterations} {'iterations' if solver == 'cg' else 'products'}")
+    if approximate:  # a direct approximate solve: the residual is the approximation error, tol does not apply
+        converged = not problems
+        message = (f"{solver}: approximate direct solve ({iterations} data passes); relative residual {worst:.3g} "
+                   f"against the exact {op.kind} curvature is the approximation error, not a convergence failure")
+    else:
+        converged = not problems and worst <= tol
+        unit = "iterations" if solver == "cg" else "products"
+        message = (f"{solver}{' + ' + preconditioner + ' preconditioner' if preconditioner else ''}: "
+                   f"{'converged' if converged else 'NOT converged'}, relative residual {worst:.3g} "
+                   f"(tol {tol:g}) after {iterations} {unit}")
     if problems:
         message += "; " + "; ".join(problems)
         warnings.warn(message, SolverWarning, stacklevel=2)
     solution = form.restore(as_dict(x, op.params), op.params)
     return SolveResult(solution=solution, relative_residual=worst, residuals=residuals, iterations=iterations,
-                       converged=converged, solver=solver, seconds=time.perf_counter() - start, message=message)
+                       converged=converged, solver=solver, seconds=time.perf_counter() - start, message=message,
+                       approximate=approximate)
 
 
 def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str = "cg", curvature: str = "ggn",
           weight_decay: float = 0.0, damping: float = 0.0, tol: float = 1e-4, max_iter: int = 500, batch_size: int = 512,
-          layers: list[str] | None = None, device: str | torch.device | None = None, progress: bool = False) -> SolveResult:
+          layers: list[str] | None = None, device: str | torch.device | None = None, progress: bool = False,
+          preconditioner: str | None = None) -> SolveResult:
     """x = (C + (weight_decay + damping) I)⁻¹ rhs, with C the ``curvature`` of the mean loss over ``data``.
 
     ``rhs``: flat [P] / [K, P] or dict name → [*shape] / [K, *shape] over ``trainable(model, layers)``;
     ``solution`` has the same form. A solve that does not reach ``tol`` returns ``converged=False``
-    with the reason in ``message`` and warns once (:class:`SolverWarning`).
+    with the reason in ``message`` and warns once (:class:`SolverWarning`). ``solver="kfac"`` /
+    ``"ekfac"`` solve with the Kronecker approximation instead (``approximate=True`` in the result);
+    ``preconditioner="kfac"`` / ``"ekfac"`` preconditions ``solver="cg"`` with it.
     """
     check_choice(solver, SOLVERS, "solver")
     check_choice(curvature, CURVATURES, "curvature")
@@ -179,7 +219,8 @@ def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str 
     check_positive_int(max_iter, "max_iter")
     op = CurvatureOperator(model, loss, data, kind=curvature, weight_decay=weight_decay, damping=damping,
                            batch_size=batch_size, layers=layers, device=device)
-    return solve_operator(op, rhs, solver=solver, tol=tol, max_iter=max_iter, progress=progress)
+    return solve_operator(op, rhs, solver=solver, tol=tol, max_iter=max_iter, progress=progress,
+                          preconditioner=preconditioner)
 
 
-__all__ = ["EXACT_MAX_PARAMS", "SOLVERS", "SolveResult", "SolverWarning", "solve", "solve_operator"]
+__all__ = ["EXACT_MAX_PARAMS", "PRECONDITIONERS", "SOLVERS", "SolveResult", "SolverWarning", "solve", "solve_operator"]
