@@ -284,19 +284,21 @@ def test_non_finite_product_names_the_parameters(kind):
         curvature_vp(model, "cross_entropy", (x, y), torch.full_like(v, float("nan")), kind=kind)
 
 
-def test_fisher_factor_cache_follows_parameter_changes():
+@pytest.mark.parametrize("kind, cache", [("fisher", "_factor_cache"), ("ggn", "_ggn_cache")])
+def test_product_caches_follow_parameter_changes(kind, cache):
     from unlearn_fast.influence.curvature import CurvatureOperator
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     data = (torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,)))
-    op = CurvatureOperator(model, "cross_entropy", data, kind="fisher", batch_size=8)
+    op = CurvatureOperator(model, "cross_entropy", data, kind=kind, batch_size=8)
     v = torch.randn(2, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     first = op(v)
-    assert op._factor_cache  # the three batches' factors are kept for the next product
+    assert len(getattr(op, cache)) == 3  # the three batches' factors / graphs are kept for the next product
     torch.testing.assert_close(op(v), first)
+    torch.testing.assert_close(op(v[:1]), first[:1])  # K = 1 takes the path without vmap
     with torch.no_grad():
         model[0].weight.mul_(1.5)
-    fresh = CurvatureOperator(model, "cross_entropy", data, kind="fisher", batch_size=8)(v)
+    fresh = CurvatureOperator(model, "cross_entropy", data, kind=kind, batch_size=8)(v)
     torch.testing.assert_close(op(v), fresh)  # stale factors were dropped
     assert not torch.allclose(fresh, first)

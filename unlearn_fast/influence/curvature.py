@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import functional_call, vjp, vmap
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -40,8 +40,9 @@ from ..validation import check_choice, check_number, check_positive_int, resolve
 from .vectors import Vector, as_dict, as_flat, num_params, trainable
 
 CURVATURES = ("ggn", "hessian", "fisher")
-# Upper bound on the cached per-layer factors of the Fisher products (beyond it, batches are re-run).
-FISHER_CACHE_BYTES = 1 << 30
+# Upper bound on what an operator keeps between products (Fisher layer factors, GGN forward graphs);
+# batches beyond it are re-run for every product.
+CACHE_BYTES = 1 << 30
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -154,6 +155,7 @@ class CurvatureOperator:
         self._values = {n: state.pop(n) for n in self.params}  # the variables of the products
         self._fixed = state  # frozen parameters and buffers
         self._factor_cache: dict[tuple[int, int], Any] = {}
+        self._ggn_cache: dict[tuple[int, int], Any] = {}
         self._cached_bytes = 0
 
     # -- products ------------------------------------------------------------------------------
@@ -189,12 +191,38 @@ class CurvatureOperator:
     def _forward(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**self._fixed, **values}, (x,))
 
-    def _ggn(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _ggn_linearisation(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, Any]:
+        """(outputs, u ↦ Jᵀu, v ↦ Jv) of one batch. Jv is the vjp of the (linear) pullback at u = 0
+        ("reverse over reverse"), so both reuse one saved forward graph; the graphs of the batches
+        are kept across products while they fit CACHE_BYTES (estimated from the activations)."""
+        key = (x.data_ptr(), x.shape[0])
+        cached = self._ggn_cache.get(key)
+        if cached is not None:
+            return cached
+
         def f(values: dict[str, torch.Tensor]) -> torch.Tensor:
             return self._forward(values, x)
 
-        out, pullback = vjp(f, self._values)  # the forward of this batch, kept for Jᵀu below
-        jv = vmap(lambda t: jvp(f, (self._values,), (t,))[1])(v)  # [K, B, *out]
+        sizes: list[int] = []
+        hooks = [m.register_forward_hook(lambda _m, _a, o: sizes.append(o.numel() * o.element_size()) if torch.is_tensor(o) else None)
+                 for m in self.model.modules()]
+        try:
+            out, pullback = vjp(f, self._values)
+        finally:
+            for h in hooks:
+                h.remove()
+        _, push = vjp(pullback, torch.zeros_like(out))
+        entry = (out.detach(), pullback, lambda t: push((t,))[0])
+        nbytes = sum(sizes)
+        if self._cached_bytes + nbytes <= CACHE_BYTES:
+            self._ggn_cache[key] = entry
+            self._cached_bytes += nbytes
+        return entry
+
+    def _ggn(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out, pullback, jvp_fn = self._ggn_linearisation(x)
+        single = next(iter(v.values())).shape[0] == 1  # K = 1 (a CG solve): plain GEMMs, not vmap's bmm
+        jv = jvp_fn({n: t[0] for n, t in v.items()}).unsqueeze(0) if single else vmap(jvp_fn)(v)  # [K, B, *out]
         z = out.detach()
         if self.loss == "cross_entropy":
             if z.dim() != 2:
@@ -206,6 +234,8 @@ class CurvatureOperator:
             if y.numel() != z.numel():
                 raise ValueError(f"mse needs targets shaped like the model's outputs {tuple(z.shape)}, got {tuple(y.shape)}")
             u = 2.0 * jv
+        if single:
+            return {n: t.unsqueeze(0) for n, t in pullback(u[0].to(z.dtype))[0].items()}
         return vmap(pullback)(u.to(z.dtype))[0]
 
     def _losses(self, values: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -242,13 +272,13 @@ class CurvatureOperator:
         from .per_sample import capture_factors, factors_fisher_vp
 
         # Each batch's layer factors (A, G) are captured once and reused by every later product (a
-        # CG solve makes dozens), as long as they fit FISHER_CACHE_BYTES; _refresh drops them when
+        # CG solve makes dozens), as long as they fit CACHE_BYTES; _refresh drops them when
         # the parameters change.
         key = (x.data_ptr(), x.shape[0])
         factors = self._factor_cache.get(key)
         if factors is None:
             factors = capture_factors(self.model, self.loss, (x, y), self.params)
-            if self._cached_bytes + factors.nbytes() <= FISHER_CACHE_BYTES:
+            if self._cached_bytes + factors.nbytes() <= CACHE_BYTES:
                 self._factor_cache[key] = factors
                 self._cached_bytes += factors.nbytes()
         return factors_fisher_vp(factors, v, self.params)
