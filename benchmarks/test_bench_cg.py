@@ -299,13 +299,15 @@ def _pedantic(benchmark, fn, rounds: int, warmup: int = 1):
 
 
 # ---------------------------------------------------------------------------------------------
-# Group 1: empirical Fisher
+# Groups: empirical Fisher (peer: pyDVL) and GGN (peer: dattri; pyDVL has no GGN mode)
+GROUPS = {"fisher": FISHER_GROUP, "ggn": GGN_GROUP}
 
 
-def test_fisher_ours(benchmark, setting):
-    benchmark.group = FISHER_GROUP
-    result = _pedantic(benchmark, lambda: ours_solve(setting, "fisher"), OURS_ROUNDS)
-    record(benchmark, setting, "fisher", result.solution, iterations=result.iterations, tol=BAR,
+@pytest.mark.parametrize("kind", list(GROUPS))
+def test_ours(benchmark, setting, kind):
+    benchmark.group = GROUPS[kind]
+    result = _pedantic(benchmark, lambda: ours_solve(setting, kind), OURS_ROUNDS)
+    record(benchmark, setting, kind, result.solution, iterations=result.iterations, tol=BAR,
            own_relative_residual=result.relative_residual)
     assert result.converged, result.message
 
@@ -324,38 +326,17 @@ def test_fisher_pydvl_peer(benchmark, setting):
            regularization=DAMPING, operator_mismatch=mismatch)
 
 
-def test_fisher_dattri(benchmark, setting):
+@pytest.mark.parametrize("kind", list(GROUPS))
+def test_dattri(benchmark, setting, kind):
     pytest.importorskip("dattri.func.hessian", reason="dattri (pip install dattri)")
-    benchmark.group = FISHER_GROUP
-    tuned = TUNED["dattri"]["fisher"]
-    mismatch = _check_dattri_operator(setting, "fisher", tuned["mode"])
+    benchmark.group = GROUPS[kind]
+    if kind == "ggn":
+        benchmark.extra_info["peer"] = True
+    tuned = TUNED["dattri"][kind]
+    mismatch = _check_dattri_operator(setting, kind, tuned["mode"])
     assert mismatch < 1e-5, f"dattri's operator differs from ours by {mismatch:.3g}: not the same system"
-    solution = _pedantic(benchmark, lambda: _dattri_solve(setting, "fisher", **tuned), DATTRI_ROUNDS)
-    record(benchmark, setting, "fisher", solution, iterations=tuned["max_iter"], max_iter=tuned["max_iter"],
-           mode=tuned["mode"], regularization=DAMPING, operator_mismatch=mismatch)
-
-
-# ---------------------------------------------------------------------------------------------
-# Group 2: GGN
-
-
-def test_ggn_ours(benchmark, setting):
-    benchmark.group = GGN_GROUP
-    result = _pedantic(benchmark, lambda: ours_solve(setting, "ggn"), OURS_ROUNDS)
-    record(benchmark, setting, "ggn", result.solution, iterations=result.iterations, tol=BAR,
-           own_relative_residual=result.relative_residual)
-    assert result.converged, result.message
-
-
-def test_ggn_dattri_peer(benchmark, setting):
-    pytest.importorskip("dattri.func.hessian", reason="dattri (pip install dattri)")
-    benchmark.group = GGN_GROUP
-    benchmark.extra_info["peer"] = True
-    tuned = TUNED["dattri"]["ggn"]
-    mismatch = _check_dattri_operator(setting, "ggn", tuned["mode"])
-    assert mismatch < 1e-5, f"dattri's operator differs from ours by {mismatch:.3g}: not the same system"
-    solution = _pedantic(benchmark, lambda: _dattri_solve(setting, "ggn", **tuned), DATTRI_ROUNDS)
-    record(benchmark, setting, "ggn", solution, iterations=tuned["max_iter"], max_iter=tuned["max_iter"],
+    solution = _pedantic(benchmark, lambda: _dattri_solve(setting, kind, **tuned), DATTRI_ROUNDS)
+    record(benchmark, setting, kind, solution, iterations=tuned["max_iter"], max_iter=tuned["max_iter"],
            mode=tuned["mode"], regularization=DAMPING, operator_mismatch=mismatch)
 
 

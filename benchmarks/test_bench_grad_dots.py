@@ -32,13 +32,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+
+from func_peer import FUNC_CHUNK, func_per_sample_chunks
 
 from unlearn_fast.influence.per_sample import grad_dots
 
 MLP_GROUP = "grad_dots MLP 1024-1024-10 B=256 K=8"
 SEQ_GROUP = "grad_dots sequences T=128 d=768 B=8 K=4"
-FUNC_CHUNK = 64    # samples per torch.func vmap call (bounds the peer's [chunk, P] materialisation)
 MLP_ROUNDS = 5
 SEQ_ROUNDS = 5
 
@@ -90,18 +90,9 @@ def ours_dots(model, batch, vectors):
 
 def func_dots(model, batch, vectors, chunk: int = FUNC_CHUNK):
     """torch.func: vmap(grad) per-sample gradients [chunk, *shape] per parameter, then dots."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
     flat_v = {n: v.reshape(v.shape[0], -1) for n, v in vectors.items()}
-
-    def sample_loss(p, x, y):
-        return F.cross_entropy(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    x, y = batch
-    parts = []
-    for s in range(0, x.shape[0], chunk):
-        g = per_sample(params, x[s:s + chunk], y[s:s + chunk])
-        parts.append(sum(g[n].reshape(g[n].shape[0], -1) @ flat_v[n].T for n in params))
+    parts = [sum(g[n].reshape(g[n].shape[0], -1) @ flat_v[n].T for n in g)
+             for g in func_per_sample_chunks(model, batch, chunk)]
     return torch.cat(parts)
 
 
@@ -244,33 +235,40 @@ def _pedantic(benchmark, fn, args, rounds):
 
 
 # ---------------------------------------------------------------------------------------------
-# Group 1: MLP
+# Both groups (MLP, sequences): ours, the torch.func peer and Opacus; the floor for the MLP only.
+SETUPS = {"mlp": (MLP_GROUP, MLP_ROUNDS), "seq": (SEQ_GROUP, SEQ_ROUNDS)}
 
 
-def test_mlp_grad_dots(benchmark, mlp):
-    model, batch, vectors, reference = mlp
-    benchmark.group = MLP_GROUP
-    result = _pedantic(benchmark, ours_dots, (model, batch, vectors), MLP_ROUNDS)
-    record_memory(benchmark, MLP_GROUP, "ours", model, batch, vectors)
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_grad_dots(benchmark, request, setup):
+    model, batch, vectors, reference = request.getfixturevalue(setup)
+    group, rounds = SETUPS[setup]
+    benchmark.group = group
+    result = _pedantic(benchmark, ours_dots, (model, batch, vectors), rounds)
+    record_memory(benchmark, group, "ours", model, batch, vectors)
     _assert_matches(result, reference)
 
 
-def test_mlp_func_peer(benchmark, mlp):
-    model, batch, vectors, _ = mlp
-    benchmark.group = MLP_GROUP
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_func_peer(benchmark, request, setup):
+    model, batch, vectors, _ = request.getfixturevalue(setup)
+    group, rounds = SETUPS[setup]
+    benchmark.group = group
     benchmark.extra_info["peer"] = True
-    _pedantic(benchmark, func_dots, (model, batch, vectors), MLP_ROUNDS)
-    record_memory(benchmark, MLP_GROUP, "func", model, batch, vectors)
+    _pedantic(benchmark, func_dots, (model, batch, vectors), rounds)
+    record_memory(benchmark, group, "func", model, batch, vectors)
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_mlp_opacus(benchmark, mlp):
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_opacus(benchmark, request, setup):
     pytest.importorskip("opacus")
-    model, batch, vectors, reference = mlp
-    benchmark.group = MLP_GROUP
+    model, batch, vectors, reference = request.getfixturevalue(setup)
+    group, rounds = SETUPS[setup]
+    benchmark.group = group
     gsm = make_opacus(model)
-    result = _pedantic(benchmark, opacus_dots, (gsm, batch, vectors), MLP_ROUNDS)
-    record_memory(benchmark, MLP_GROUP, "opacus", model, batch, vectors)
+    result = _pedantic(benchmark, opacus_dots, (gsm, batch, vectors), rounds)
+    record_memory(benchmark, group, "opacus", model, batch, vectors)
     _assert_matches(result, reference)
 
 
@@ -279,37 +277,6 @@ def test_mlp_floor(benchmark, mlp):
     benchmark.group = MLP_GROUP
     _pedantic(benchmark, floor_dots, (model, batch, vectors), MLP_ROUNDS)
     record_memory(benchmark, MLP_GROUP, "floor", model, batch, vectors)
-
-
-# ---------------------------------------------------------------------------------------------
-# Group 2: sequences
-
-
-def test_seq_grad_dots(benchmark, seq):
-    model, batch, vectors, reference = seq
-    benchmark.group = SEQ_GROUP
-    result = _pedantic(benchmark, ours_dots, (model, batch, vectors), SEQ_ROUNDS)
-    record_memory(benchmark, SEQ_GROUP, "ours", model, batch, vectors)
-    _assert_matches(result, reference)
-
-
-def test_seq_func_peer(benchmark, seq):
-    model, batch, vectors, _ = seq
-    benchmark.group = SEQ_GROUP
-    benchmark.extra_info["peer"] = True
-    _pedantic(benchmark, func_dots, (model, batch, vectors), SEQ_ROUNDS)
-    record_memory(benchmark, SEQ_GROUP, "func", model, batch, vectors)
-
-
-@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_seq_opacus(benchmark, seq):
-    pytest.importorskip("opacus")
-    model, batch, vectors, reference = seq
-    benchmark.group = SEQ_GROUP
-    gsm = make_opacus(model)
-    result = _pedantic(benchmark, opacus_dots, (gsm, batch, vectors), SEQ_ROUNDS)
-    record_memory(benchmark, SEQ_GROUP, "opacus", model, batch, vectors)
-    _assert_matches(result, reference)
 
 
 if __name__ == "__main__":  # peak-memory probe: python test_bench_grad_dots.py GROUP PATH

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+
+from func_peer import FUNC_CHUNK, func_per_sample_chunks
 
 from unlearn_fast.influence.per_sample import grad_norms
 
 GROUP = "grad_norms MLP 1024-1024-10 B=256"
-FUNC_CHUNK = 64
 ROUNDS = 5
 
 
@@ -27,17 +27,7 @@ def ours_norms(model, batch):
 
 
 def func_norms(model, batch, chunk: int = FUNC_CHUNK):
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def sample_loss(p, x, y):
-        return F.cross_entropy(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    x, y = batch
-    parts = []
-    for s in range(0, x.shape[0], chunk):
-        g = per_sample(params, x[s:s + chunk], y[s:s + chunk])
-        parts.append(sum(g[n].reshape(g[n].shape[0], -1).pow(2).sum(1) for n in params))
+    parts = [sum(g[n].reshape(g[n].shape[0], -1).pow(2).sum(1) for n in g) for g in func_per_sample_chunks(model, batch, chunk)]
     return torch.cat(parts).sqrt()
 
 
