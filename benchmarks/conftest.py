@@ -27,3 +27,6 @@ def pytest_terminal_summary(terminalreporter, config):  # noqa: ANN001, ANN201
         for bench in items:
             ratio = bench.stats.median / peer_median
             terminalreporter.write_line(f"{group:32s} {bench.name:48s} {bench.stats.median * 1e3:10.2f} ms  ratio {ratio:6.3f}")
+            for label, values in bench.extra_info.get("quality", {}).items():  # how good the result is, beside its cost
+                shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+                terminalreporter.write_line(f"{'':32s}   quality of {label}: {shown}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def same_params(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -33,3 +34,85 @@ def fit_logistic_to_optimum(model: torch.nn.Module, x: torch.Tensor, y: torch.Te
     for _ in range(5):
         opt.step(closure)
     return model
+
+
+# -- small models shared by the per-sample tests --------------------------------------------------
+
+class TextModel(nn.Module):
+    """Embedding (with padding row) → LayerNorm → Linear, mean over real tokens, × a bare scalar Parameter."""
+
+    def __init__(self, vocab: int, d: int, classes: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, classes)
+        self.scale = nn.Parameter(torch.ones(()))  # no rule: exercises the torch.func fallback
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).unsqueeze(-1).to(self.fc.weight.dtype)
+        h = self.fc(self.ln(self.emb(ids))) * mask
+        return h.sum(1) / mask.sum(1).clamp(min=1) * self.scale
+
+
+def padded_ids(b: int, t: int, vocab: int) -> torch.Tensor:
+    """[b, t] token ids in [1, vocab), right-padded with 0 to random lengths in [1, t]."""
+    ids = torch.randint(1, vocab, (b, t))
+    lengths = torch.randint(1, t + 1, (b,))
+    ids[torch.arange(t)[None, :] >= lengths[:, None]] = 0
+    return ids
+
+
+class SequenceModel(nn.Module):
+    """Linear over [B, T, d_in] positions, then a masked mean: the Linear sees sequences."""
+
+    def __init__(self, d_in: int, d_hidden: int, classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_hidden)
+        self.head = nn.Linear(d_hidden, classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(x))).mean(1)
+
+
+def cnn_with_batchnorm(c_in: int, c_out: int, h: int, w: int, kernel: int, stride: int, padding: int,
+                       classes: int) -> nn.Sequential:
+    """Conv2d → BatchNorm2d (random running statistics, for eval mode) → ReLU → Linear, for [B, c_in, h, w]."""
+    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
+    out_h = (h + 2 * padding - kernel) // stride + 1
+    out_w = (w + 2 * padding - kernel) // stride + 1
+    bn = nn.BatchNorm2d(c_out)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    return nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), nn.Linear(c_out * out_h * out_w, classes))
+
+
+def tiny_gpt2() -> nn.Module:
+    """Embedding (padding row 0, vocab 13) → one transformers GPT2Block (Conv1D layers, width 8) → masked mean → Linear(8, 3)."""
+    import transformers
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    config = transformers.GPT2Config(n_embd=8, n_head=2, n_layer=1, n_positions=16, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    config._attn_implementation = "eager"
+
+    class TinyGPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(13, 8, padding_idx=0)
+            self.block = GPT2Block(config, layer_idx=0)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.block(self.emb(ids))
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            mask = (ids != 0).unsqueeze(-1).to(hidden.dtype)  # causal block + right padding: pads never reach real tokens
+            return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+    return TinyGPT()
+
+
+def gpt2_ids() -> torch.Tensor:
+    """[4, 6] ids for :func:`tiny_gpt2`, two of them right-padded."""
+    ids = torch.randint(1, 13, (4, 6))
+    ids[0, 4:] = 0
+    ids[2, 2:] = 0
+    return ids

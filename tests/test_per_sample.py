@@ -6,40 +6,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 
+from helpers import SequenceModel, TextModel, cnn_with_batchnorm, gpt2_ids, padded_ids, tiny_gpt2
 from unlearn_fast.influence.per_sample import fisher_vp, grad_dots, grad_norms, loss_gradient, per_sample_grads
 from unlearn_fast.influence.vectors import as_flat, trainable
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
-
-
-class TextModel(nn.Module):
-    """Embedding (with padding row) → LayerNorm → Linear, mean over real tokens, × a bare scalar Parameter."""
-
-    def __init__(self, vocab: int, d: int, classes: int) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d, padding_idx=0)
-        self.ln = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, classes)
-        self.scale = nn.Parameter(torch.ones(()))  # no rule: exercises the torch.func fallback
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = (ids != 0).unsqueeze(-1).to(self.fc.weight.dtype)
-        h = self.fc(self.ln(self.emb(ids))) * mask
-        return h.sum(1) / mask.sum(1).clamp(min=1) * self.scale
-
-
-class SequenceModel(nn.Module):
-    """Linear over [B, T, d_in] positions, then a masked mean: the Linear sees sequences."""
-
-    def __init__(self, d_in: int, d_hidden: int, classes: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_hidden)
-        self.head = nn.Linear(d_hidden, classes, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.proj(x))).mean(1)
 
 
 def _check(model: nn.Module, batch, dtype: torch.dtype, k: int, seed: int = 0) -> None:
@@ -81,13 +55,7 @@ def test_mlp(b, d_in, hidden, classes, k, dtype, seed):
        seed=st.integers(0, 1000))
 def test_cnn_with_batchnorm(b, c_in, c_out, h, w, kernel, stride, padding, k, dtype, seed):
     torch.manual_seed(seed)
-    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
-    out_h = (h + 2 * padding - kernel) // stride + 1
-    out_w = (w + 2 * padding - kernel) // stride + 1
-    bn = nn.BatchNorm2d(c_out)
-    bn.running_mean.uniform_(-0.5, 0.5)
-    bn.running_var.uniform_(0.5, 2.0)
-    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Flatten(), nn.Linear(c_out * out_h * out_w, 3))
+    model = cnn_with_batchnorm(c_in, c_out, h, w, kernel, stride, padding, 3)
     _check(model, (torch.randn(b, c_in, h, w), torch.randint(0, 3, (b,))), dtype, k, seed)
 
 
@@ -96,10 +64,7 @@ def test_cnn_with_batchnorm(b, c_in, c_out, h, w, kernel, stride, padding, k, dt
        dtype=DTYPES, seed=st.integers(0, 1000))
 def test_embedding_layernorm_with_padding(b, t, vocab, d, k, dtype, seed):
     torch.manual_seed(seed)
-    ids = torch.randint(1, vocab, (b, t))
-    lengths = torch.randint(1, t + 1, (b,))
-    ids[torch.arange(t)[None, :] >= lengths[:, None]] = 0  # right padding
-    _check(TextModel(vocab, d, 3), (ids, torch.randint(0, 3, (b,))), dtype, k, seed)
+    _check(TextModel(vocab, d, 3), (padded_ids(b, t, vocab), torch.randint(0, 3, (b,))), dtype, k, seed)
 
 
 @pytest.mark.parametrize("k", [1, 3])  # K=1: factored dots over T positions; K=3: chunked per-sample dots
@@ -111,30 +76,10 @@ def test_sequence_linear_both_forms(t, d_in, d_hidden, k):
 
 
 def test_gpt2_block_conv1d_with_padded_sequences():
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
-
-    config = transformers.GPT2Config(n_embd=8, n_head=2, n_layer=1, n_positions=16, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-    config._attn_implementation = "eager"
-
-    class TinyGPT(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.Embedding(13, 8, padding_idx=0)
-            self.block = GPT2Block(config, layer_idx=0)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            hidden = self.block(self.emb(ids))
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            mask = (ids != 0).unsqueeze(-1).to(hidden.dtype)  # causal block + right padding: pads never reach real tokens
-            return self.head((hidden * mask).sum(1) / mask.sum(1))
-
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    ids = torch.randint(1, 13, (4, 6))
-    ids[0, 4:] = 0
-    ids[2, 2:] = 0
-    model = TinyGPT()
+    ids = gpt2_ids()
+    model = tiny_gpt2()
     assert any(type(m).__name__ == "Conv1D" for m in model.modules())
     _check(model, (ids, torch.randint(0, 3, (4,))), torch.float64, 2)
     _check(model, (ids, torch.randint(0, 3, (4,))), torch.float32, 2)
@@ -168,3 +113,16 @@ def test_empty_batch_and_model_mode_restored():
     model = nn.Sequential(nn.Linear(3, 2)).train()
     out = grad_norms(model, "cross_entropy", (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))
     assert out.shape == (0,) and model.training
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2), st.integers(0, 2),
+       st.integers(1, 2), st.integers(1, 2), st.integers(1, 12), st.integers(1, 12), st.integers(1, 3))
+def test_conv_patches_equal_unfold(kh, kw, sh, sw, ph, pw, dh, dw, h, w, c):
+    from unlearn_fast.influence.layers import conv_patches
+
+    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
+        return  # the kernel does not fit: no output positions
+    x = torch.randn(2, c, h, w, dtype=torch.float64)
+    reference = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw)).transpose(1, 2)
+    assert torch.equal(conv_patches(x, (kh, kw), (sh, sw), (ph, pw), (dh, dw)), reference)

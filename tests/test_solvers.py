@@ -141,8 +141,8 @@ def test_operator_can_be_reused_across_solves():
 def test_bad_arguments_name_the_choices(monkeypatch):
     model, x, y = mlp_problem(6, n=5)
     b = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    with pytest.raises(ValueError, match="solver='lissa'.*'cg', 'exact'"):
-        solve(model, "cross_entropy", (x, y), b, solver="lissa")
+    with pytest.raises(ValueError, match="solver='newton'.*'cg', 'exact'"):
+        solve(model, "cross_entropy", (x, y), b, solver="newton")
     with pytest.raises(ValueError, match="curvature='kfac'.*'ggn', 'hessian', 'fisher'"):
         solve(model, "cross_entropy", (x, y), b, curvature="kfac")
     with pytest.raises(ValueError, match="tol"):

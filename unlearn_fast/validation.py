@@ -98,6 +98,17 @@ def as_list(value: Any, what: str, item_type: type | tuple[type, ...]) -> list[A
     return items
 
 
+def check_batch(batch: Any, what: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair (inputs [B, ...], targets [B, ...]) of tensors with the same B."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(torch.is_tensor(t) for t in batch)):
+        raise ValueError(f"{what} must be a pair (inputs, targets) of tensors, got {type(batch).__name__}")
+    inputs, targets = batch
+    if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"{what} needs inputs [B, ...] and targets [B, ...] with the same B, got shapes "
+                         f"{tuple(inputs.shape)} and {tuple(targets.shape)}")
+    return inputs, targets
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """"auto" → CUDA when present, else CPU; otherwise a device torch knows and can use."""
     if device == "auto":

@@ -178,7 +178,7 @@ class CurvatureOperator:
         starts = range(0, self.n, self.batch_size)
         with eval_mode(self.model):
             for s in tqdm(starts, desc=f"{self.kind} product", disable=not self.progress, leave=False):
-                part = step(self.inputs[s:s + self.batch_size], self.labels[s:s + self.batch_size], v)
+                part = step(s, v)
                 for n in acc:
                     acc[n] += part[n]
         out = {n: acc[n] / self.n + self.shift * v[n] for n in acc}
@@ -219,7 +219,11 @@ class CurvatureOperator:
             self._cached_bytes += nbytes
         return entry
 
-    def _ggn(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _batch(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+
+    def _ggn(self, start: int, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = self._batch(start)
         out, pullback, jvp_fn = self._ggn_linearisation(x)
         single = next(iter(v.values())).shape[0] == 1  # K = 1 (a CG solve): plain GEMMs, not vmap's bmm
         jv = jvp_fn({n: t[0] for n, t in v.items()}).unsqueeze(0) if single else vmap(jvp_fn)(v)  # [K, B, *out]
@@ -244,7 +248,8 @@ class CurvatureOperator:
         state = {f"model.{n}": t for n, t in {**self._fixed, **values}.items()}
         return functional_call(self._wrapper, state, (x, y))
 
-    def _hessian(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _hessian(self, start: int, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = self._batch(start)
         names = list(self._values)
         with torch.enable_grad():
             leaves = [self._values[n].detach().requires_grad_() for n in names]
@@ -268,12 +273,17 @@ class CurvatureOperator:
                 hv = tuple(None if rows[0][i] is None else torch.stack([r[i] for r in rows]) for i in range(len(names)))
         return {n: torch.zeros_like(v[n]) if h is None else h.detach() for n, h in zip(names, hv)}
 
-    def _fisher(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from .per_sample import capture_factors, factors_fisher_vp
+    def batch_factors(self, start: int) -> Any:
+        """The Fisher factors (:class:`.per_sample.Factors`) of the batch that begins at sample ``start``.
 
-        # Each batch's layer factors (A, G) are captured once and reused by every later product (a
-        # CG solve makes dozens), as long as they fit CACHE_BYTES; _refresh drops them when
-        # the parameters change.
+        Each batch's layer factors (A, G) are captured once and reused by every later product (a CG
+        solve makes dozens) and by direct solvers (woodbury), as long as they fit CACHE_BYTES;
+        _refresh drops them when the parameters change.
+        """
+        from .per_sample import capture_factors
+
+        self._refresh()
+        x, y = self._batch(start)
         key = (x.data_ptr(), x.shape[0])
         factors = self._factor_cache.get(key)
         if factors is None:
@@ -281,7 +291,12 @@ class CurvatureOperator:
             if self._cached_bytes + factors.nbytes() <= CACHE_BYTES:
                 self._factor_cache[key] = factors
                 self._cached_bytes += factors.nbytes()
-        return factors_fisher_vp(factors, v, self.params)
+        return factors
+
+    def _fisher(self, start: int, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from .per_sample import factors_fisher_vp
+
+        return factors_fisher_vp(self.batch_factors(start), v, self.params)
 
 
 def curvature_vp(model: nn.Module, loss: Loss, data: Data, v: Vector, *, kind: str = "ggn", weight_decay: float = 0.0,

@@ -57,7 +57,7 @@ Which gradients (``curvature``):
 - ``"hessian"`` has no Kronecker form (it is indefinite): the solvers refuse it; the CG
   preconditioner uses the GGN estimate (the Fisher one for a callable loss) instead.
 
-Cost: one forward/backward per batch and draw (plus one forward to sample labels for "ggn"), O(Σ d_in'² +
+Cost: one forward/backward per batch and draw (the labels of "ggn" are drawn from that forward's outputs), O(Σ d_in'² +
 d_out²) memory for the factors, one eigendecomposition per factor (float64), and a second pass for
 EKFAC. M + (λ+δ) I must be invertible: λ + δ > 0 is required (the factors are singular in general).
 """
@@ -72,6 +72,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..losses import output_loss
 from ..modes import eval_mode
 from ..validation import check_choice, check_positive_int
 from .curvature import CurvatureOperator, VectorForm
@@ -169,10 +170,9 @@ class KroneckerCurvature:
 
 
 # -- building the factors ------------------------------------------------------------------------
-def _sampled_targets(op: CurvatureOperator, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Labels drawn from the model's predictive distribution at x (see the module doc)."""
-    with torch.no_grad(), eval_mode(op.model):
-        z = op.model(x)
+def _sampled_targets(op: CurvatureOperator, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Labels drawn from the model's predictive distribution given its outputs z (see the module doc)."""
+    z = z.detach()
     if op.loss == "cross_entropy":
         if z.dim() != 2:
             raise ValueError(f"cross_entropy needs model outputs [B, classes], got {tuple(z.shape)}")
@@ -182,7 +182,7 @@ def _sampled_targets(op: CurvatureOperator, x: torch.Tensor, gen: torch.Generato
     return z + math.sqrt(0.5) * noise
 
 
-def _augment(a: torch.Tensor, has_weight: bool, has_bias: bool) -> torch.Tensor:
+def augment_bias(a: torch.Tensor, has_weight: bool, has_bias: bool) -> torch.Tensor:
     """A [B, T, d_in] → [B, T, d_in'] with the constant bias column (only that column without a weight)."""
     ones = torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)
     if not has_weight:
@@ -190,7 +190,7 @@ def _augment(a: torch.Tensor, has_weight: bool, has_bias: bool) -> torch.Tensor:
     return torch.cat([a, ones], dim=-1) if has_bias else a
 
 
-def _projected_squares(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def projected_squares(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Σ_i (g̃_iᵀ ã_i)² over the batch for ã [B, T, d_in'], g̃ [B, T, d_out] → [d_out, d_in']."""
     b, t, d_out = g.shape
     d_in = a.shape[-1]
@@ -213,7 +213,7 @@ def _embedding_squares(module: nn.Embedding, ids: torch.Tensor, g: torch.Tensor)
     return out.index_add_(0, unique % module.num_embeddings, summed.pow(2))
 
 
-def _rule_squares(rule: Rule, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def rule_squares(rule: Rule, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Σ_i g_i² (local name → [*shape]) for a layer with a non-Kronecker rule."""
     if isinstance(rule, EmbeddingRule):
         return {"weight": _embedding_squares(module, a, g)}
@@ -289,10 +289,20 @@ def fit_kronecker(op: CurvatureOperator, *, eigen_correct: bool = False, curvatu
             else:
                 index = torch.arange(s, min(s + op.batch_size, total), device=op.device) % op.n
                 x, y = op.inputs[index], op.labels[index]
-            targets = y if curvature == "fisher" else _sampled_targets(op, x, gen)
+            drawn: list[torch.Tensor] = []
+
+            def sampled_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                # the labels are drawn from this very forward's outputs: no second forward to sample them
+                z = model(batch[0])
+                drawn.append(_sampled_targets(op, z, gen))
+                return output_loss(op.loss, z, drawn[0])  # type: ignore[arg-type]
+
             with torch.enable_grad(), eval_mode(op.model):
-                cap = capture(op.model, op.loss, (x, targets), op.params)
-            yield (x, targets), cap
+                if curvature == "fisher":
+                    cap = capture(op.model, op.loss, (x, y), op.params)
+                else:
+                    cap = capture(op.model, sampled_loss, (x, y), op.params)
+            yield (x, y if curvature == "fisher" else drawn[0]), cap
 
     # pass 1: Ā, Ḡ and the diagonal blocks
     for batch, cap in batches(f"{'ekfac' if eigen_correct else 'kfac'} factors"):
@@ -301,13 +311,13 @@ def fit_kronecker(op: CurvatureOperator, *, eigen_correct: bool = False, curvatu
             g = layer.g.to(dtype)
             if isinstance(layer.rule, LinearRule):
                 slot = slots.get(layer.module_name) or slots.setdefault(layer.module_name, _Slot(layer, dtype))
-                aa = _augment(a, slot.has_weight, slot.has_bias).reshape(-1, slot.a_sum.shape[0])
+                aa = augment_bias(a, slot.has_weight, slot.has_bias).reshape(-1, slot.a_sum.shape[0])
                 slot.a_sum += aa.T @ aa
                 slot.positions += aa.shape[0]
                 gg = g.reshape(-1, g.shape[-1])
                 slot.g_sum += gg.T @ gg
             else:
-                for local, sq in _rule_squares(layer.rule, layer.module, a, g).items():
+                for local, sq in rule_squares(layer.rule, layer.module, a, g).items():
                     diagonal[layer.names[local]] += sq
         if cap.fallback:
             with eval_mode(op.model):
@@ -336,9 +346,9 @@ def fit_kronecker(op: CurvatureOperator, *, eigen_correct: bool = False, curvatu
                 if layer.module_name not in by_name:
                     continue
                 block, slot = by_name[layer.module_name], slots[layer.module_name]
-                a = _augment(layer.a.to(dtype), block.has_weight, block.has_bias) @ block.q_a
+                a = augment_bias(layer.a.to(dtype), block.has_weight, block.has_bias) @ block.q_a
                 g = layer.g.to(dtype) @ block.q_g
-                slot.s_sum += _projected_squares(a, g)
+                slot.s_sum += projected_squares(a, g)
         for block in blocks:
             block.eigenvalues = slots[block.module_name].s_sum / total
         passes += draws

@@ -10,17 +10,22 @@ A rule provides the per-sample gradient g_i in factored form, and the products b
 - ``dots``:          ⟨g_i, v_k⟩                  → [B, K]
 - ``sq_norms``:      ‖g_i‖²                      → [B]
 - ``weighted_sum``:  Σ_i c_{i,k} g_i             → [K, *shape]
+- ``cross_dots``:    ⟨g_i, g_j⟩ between two cached sets of samples → [B1, B2]
 - ``per_sample``:    g_i materialised             → [B, *shape] (reference and small layers only)
 
 For Linear-type layers g_i = G_iᵀA_i is never built for the whole batch: ⟨g_i, V⟩ = Σ_t g_{i,t}ᵀ V a_{i,t}
 (or, when T·K > T + K makes it cheaper, g_i built for a bounded chunk of samples), and
-‖g_i‖² = ⟨A_iA_iᵀ, G_iG_iᵀ⟩ (the "ghost" form) when 2T² < d_in·d_out. A layer type not in the
-table falls back to chunked torch.func materialisation (see per_sample.py).
+‖g_i‖² = ⟨A_iA_iᵀ, G_iG_iᵀ⟩ (the "ghost" form) when 2T² < d_in·d_out. Sample-to-sample dots
+⟨g_i, g_j⟩ = ⟨A_iA_jᵀ, G_iG_jᵀ⟩ use the ghost form or build g for chunks of samples, whichever
+costs fewer multiply-adds (:func:`_ghost_cheaper`). A layer type not in the table falls back to
+chunked torch.func materialisation (see per_sample.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +73,52 @@ def _linear_weight_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> to
     return out
 
 
+def _ghost_cheaper(b1: int, b2: int, t1: int, t2: int, d_in: int, d_out: int) -> bool:
+    """Whether the ghost form of ⟨g_i, g_j⟩ for a Linear weight costs fewer multiply-adds than building g.
+
+    ghost:    Σ_{t,s} (a_{i,t}·a_{j,s})(g_{i,t}·g_{j,s})  →  B1·B2·T1·T2·(d_in + d_out)
+    building: g = GᵀA for every sample, then one GEMM    →  (B1·T1 + B2·T2 + B1·B2)·d_in·d_out
+    For B1 = B2 = B ≫ T this is T²·(d_in + d_out) < d_in·d_out, the flop form of the
+    norms' 2T² < d_in·d_out (which compares the stored sizes).
+    """
+    return b1 * b2 * t1 * t2 * (d_in + d_out) <= (b1 * t1 + b2 * t2 + b1 * b2) * d_in * d_out
+
+
+def _tiles(b1: int, b2: int, per_pair: int) -> Iterator[tuple[slice, slice]]:
+    """(rows of set 1, rows of set 2) tiles whose [n1, n2, per_pair] intermediates stay within MAX_INTERMEDIATE."""
+    step2 = max(1, min(b2, MAX_INTERMEDIATE // max(per_pair, 1)))
+    step1 = max(1, MAX_INTERMEDIATE // max(per_pair * step2, 1))
+    for s1 in range(0, b1, step1):
+        for s2 in range(0, b2, step2):
+            yield slice(s1, s1 + step1), slice(s2, s2 + step2)
+
+
+def _position_pairs(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
+                    pair: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Σ_{t,s} pair(a_{i,t}, a_{j,s}) (g_{i,t}·g_{j,s}) → [B1, B2] for G1 [B1, T1, d], G2 [B2, T2, d].
+
+    ``pair`` maps rows [n1·T1, ·], [n2·T2, ·] of A to their [n1·T1, n2·T2] pairings (inner products
+    for Linear, id equality for Embedding); tiles bound the pairing matrices (the ghost form).
+    """
+    (b1, t1, d), (b2, t2, _) = g1.shape, g2.shape
+    out = torch.empty(b1, b2, dtype=g1.dtype, device=g1.device)
+    for r1, r2 in _tiles(b1, b2, t1 * t2):
+        x1, x2 = a1[r1], a2[r2]
+        n1, n2 = x1.shape[0], x2.shape[0]
+        gg = g1[r1].reshape(n1 * t1, d) @ g2[r2].reshape(n2 * t2, d).T
+        pairs = pair(x1.reshape(n1 * t1, -1), x2.reshape(n2 * t2, -1))
+        out[r1, r2] = (gg * pairs).reshape(n1, t1, n2, t2).sum((1, 3))
+    return out
+
+
+def _inner(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    return x1 @ x2.T
+
+
+def _same_id(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    return x1 == x2.T
+
+
 class Rule:
     """Base rule: the products from a materialised per-sample gradient (fine for small layers)."""
 
@@ -94,6 +145,27 @@ class Rule:
     def weighted_sum(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
         grads = self.per_sample(module, a, g)
         return {n: (c.T @ grads[n].flatten(1)).reshape(c.shape[1], *grads[n].shape[1:]) for n in grads}
+
+    def cross_dots(self, module: nn.Module, a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor,
+                   g2: torch.Tensor) -> torch.Tensor:
+        """⟨g_i, g_j⟩ for sample i of the first cached set and j of the second → [B1, B2].
+
+        Materialises [n, size] per-sample gradients for chunks of samples (n·size within
+        MAX_INTERMEDIATE on each side), one GEMM per pair of chunks.
+        """
+        size = sum(p.numel() for p in self.params(module).values())
+        step = max(1, MAX_INTERMEDIATE // max(size, 1))
+        b1, b2 = g1.shape[0], g2.shape[0]
+        out = torch.empty(b1, b2, dtype=g1.dtype, device=g1.device)
+        for s2 in range(0, b2, step):
+            right = self._flat_per_sample(module, a2[s2:s2 + step], g2[s2:s2 + step])
+            for s1 in range(0, b1, step):
+                out[s1:s1 + step, s2:s2 + step] = self._flat_per_sample(module, a1[s1:s1 + step], g1[s1:s1 + step]) @ right.T
+        return out
+
+    def _flat_per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Every parameter's per-sample gradient side by side → [B, size]."""
+        return torch.cat([t.reshape(t.shape[0], -1) for t in self.per_sample(module, a, g).values()], 1)
 
 
 class LinearRule(Rule):
@@ -159,6 +231,18 @@ class LinearRule(Rule):
             out["bias"] = torch.einsum("bk,bto->ko", c, g)
         return out
 
+    def cross_dots(self, module, a1, g1, a2, g2):
+        names = self.params(module)
+        (b1, t1, d_out), (b2, t2, _) = g1.shape, g2.shape
+        if "weight" in names and not _ghost_cheaper(b1, b2, t1, t2, a1.shape[-1], d_out):
+            return super().cross_dots(module, a1, g1, a2, g2)  # chunks of built g (bias included), then GEMMs
+        out = torch.zeros(b1, b2, dtype=g1.dtype, device=g1.device)
+        if "weight" in names:  # for T = 1 this is (A1A2ᵀ) ⊙ (G1G2ᵀ)
+            out += _position_pairs(a1, g1, a2, g2, _inner)
+        if "bias" in names:
+            out += g1.sum(1) @ g2.sum(1).T
+        return out
+
 
 class Conv1DRule(LinearRule):
     """transformers' Conv1D: y = a W + b with W [d_in, d_out]."""
@@ -170,6 +254,25 @@ class Conv1DRule(LinearRule):
         return w.transpose(-1, -2)
 
 
+def conv_patches(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int]) -> torch.Tensor:
+    """The patches of a 2-d convolution, x [B, C, H, W] → [B, L, C·kh·kw], in F.unfold's column order.
+
+    Built from kh·kw strided slices of the padded input in channels-last layout: a copy of the
+    patches and nothing more. F.unfold (im2col) computes the same but ran 5-50× slower on 2-core
+    CPUs in our capture (measured 5-260 ms per call on [512, 1, 16, 16]), and its result needed
+    another transpose copy.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    b, c, h, w = x.shape
+    h_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    w_out = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # [B, H', W', C]
+    slices = [padded[:, i * dh:i * dh + (h_out - 1) * sh + 1:sh, j * dw:j * dw + (w_out - 1) * sw + 1:sw]
+              for i in range(kh) for j in range(kw)]
+    return torch.stack(slices, dim=-1).reshape(b, h_out * w_out, c * kh * kw)
+
+
 class Conv2dRule(LinearRule):
     """Conv2d as a Linear over unfolded patches: A [B, L, C_in·kh·kw], G [B, L, C_out]."""
 
@@ -177,8 +280,8 @@ class Conv2dRule(LinearRule):
         return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
     def prepare(self, module, inp, grad_out):
-        patches = F.unfold(inp, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-        return patches.transpose(1, 2), grad_out.flatten(2).transpose(1, 2)
+        patches = conv_patches(inp, module.kernel_size, module.stride, module.padding, module.dilation)
+        return patches, grad_out.flatten(2).transpose(1, 2)
 
     def to_matrix(self, module, w):
         return w.reshape(*w.shape[:-3], -1) if w.dim() == 5 else w.reshape(w.shape[0], -1)
@@ -220,6 +323,10 @@ class EmbeddingRule(Rule):
         out = torch.zeros(k, module.num_embeddings, d, dtype=g.dtype, device=g.device)
         out.index_add_(1, a.reshape(-1), weighted)
         return {"weight": out}
+
+    def cross_dots(self, module, a1, g1, a2, g2):
+        # Σ_{t,s} [id_{i,t} = id_{j,s}] g_{i,t}·g_{j,s}: a built g_i would be [num_embeddings, d]
+        return _position_pairs(a1, g1, a2, g2, _same_id)
 
 
 class LayerNormRule(Rule):

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ..losses import Loss, per_sample_loss
+from ..losses import Loss, check_loss, per_sample_loss
 from ..modes import eval_mode
+from ..validation import check_batch
 from .layers import Rule, rule_for
 from .vectors import Vector, as_dict, trainable
 
@@ -91,7 +92,8 @@ def capture(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Par
         if not a_parts:  # module not used in this forward
             continue
         # A module called several times sums its contributions: the calls join the position axis.
-        layers.append(LayerCache(module_name, module, rule, torch.cat(a_parts, 1), torch.cat(g_parts, 1), names))
+        joined = [parts[0] if len(parts) == 1 else torch.cat(parts, 1) for parts in (a_parts, g_parts)]  # no copy for one call
+        layers.append(LayerCache(module_name, module, rule, joined[0], joined[1], names))
     return Captured(losses.detach(), layers, fallback)
 
 
@@ -151,16 +153,7 @@ def grad_dots(model: nn.Module, loss: Loss, batch: Batch, vectors: Vector, layer
     v = as_dict(vectors, params)
     if batch[0].shape[0] == 0:
         return torch.zeros(0, next(iter(v.values())).shape[0], dtype=next(iter(v.values())).dtype)
-    with eval_mode(model):
-        cap = capture(model, loss, batch, params)
-        total = torch.zeros(batch[0].shape[0], next(iter(v.values())).shape[0], dtype=cap.losses.dtype, device=cap.losses.device)
-        for layer in cap.layers:
-            local_v = {local: v[full].to(layer.g.dtype) for local, full in layer.names.items()}
-            total += _check_finite(layer.rule.dots(layer.module, layer.a, layer.g, local_v), "gradient dot", f"layer {layer.module_name!r}")
-        if cap.fallback:
-            for name, g in fallback_grads(model, loss, batch, cap.fallback).items():
-                total += _check_finite(_rows(g) @ _rows(v[name]).to(g.dtype).T, "gradient dot", f"parameter {name!r}")
-    return total
+    return factors_dots(capture_factors(model, loss, batch, params), v)
 
 
 def grad_norms(model: nn.Module, loss: Loss, batch: Batch, layers: list[str] | None = None) -> torch.Tensor:
@@ -201,24 +194,77 @@ def capture_factors(model: nn.Module, loss: Loss, batch: Batch, params: dict[str
     return Factors(cap, fallback, batch[0].shape[0])
 
 
-def factors_fisher_vp(factors: Factors, vectors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Σ_i ⟨g_i, v_k⟩ g_i over the cached batch → name → [K, *shape]: c = Σ_layers dots, then (diag(c)G)ᵀA."""
-    k = next(iter(vectors.values())).shape[0]
-    if factors.batch_size == 0:
-        return {name: torch.zeros_like(vectors[name]) for name in params}
+def factors_dots(factors: Factors, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """⟨g_i, v_k⟩ for each sample of the cached batch → [B, K]; ``vectors``: name → [K, *shape]."""
     cap = factors.captured
-    c = torch.zeros(factors.batch_size, k, dtype=cap.losses.dtype, device=cap.losses.device)
+    total = torch.zeros(factors.batch_size, next(iter(vectors.values())).shape[0], dtype=cap.losses.dtype, device=cap.losses.device)
     for layer in cap.layers:
-        c += layer.rule.dots(layer.module, layer.a, layer.g, {l: vectors[f].to(layer.g.dtype) for l, f in layer.names.items()})
+        local_v = {local: vectors[full].to(layer.g.dtype) for local, full in layer.names.items()}
+        total += _check_finite(layer.rule.dots(layer.module, layer.a, layer.g, local_v), "gradient dot", f"layer {layer.module_name!r}")
     for name, g in factors.fallback.items():
-        c += _rows(g) @ _rows(vectors[name]).to(g.dtype).T
+        total += _check_finite(_rows(g) @ _rows(vectors[name]).to(g.dtype).T, "gradient dot", f"parameter {name!r}")
+    return total
+
+
+def factors_weighted_sum(factors: Factors, c: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Σ_i c_{i,k} g_i over the cached batch for weights c [B, K] → name → [K, *shape], as (diag(c)G)ᵀA per layer."""
+    cap = factors.captured
     out: dict[str, torch.Tensor] = {}
     for layer in cap.layers:
-        for local, value in layer.rule.weighted_sum(layer.module, layer.a, layer.g, c).items():
-            out[layer.names[local]] = _check_finite(value, "Fisher product", f"layer {layer.module_name!r}")
+        for local, value in layer.rule.weighted_sum(layer.module, layer.a, layer.g, c.to(layer.g.dtype)).items():
+            out[layer.names[local]] = _check_finite(value, "weighted gradient sum", f"layer {layer.module_name!r}")
     for name, g in factors.fallback.items():
-        out[name] = (c.T @ _rows(g)).reshape(k, *g.shape[1:])
-    return {name: out[name] for name in params}
+        out[name] = (c.to(g.dtype).T @ _rows(g)).reshape(c.shape[1], *g.shape[1:])
+    # a module unused by this batch's forward has zero gradients
+    return {name: out[name] if name in out else p.new_zeros(c.shape[1], *p.shape) for name, p in params.items()}
+
+
+def factors_fisher_vp(factors: Factors, vectors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Σ_i ⟨g_i, v_k⟩ g_i over the cached batch → name → [K, *shape]: c = Σ_layers dots, then (diag(c)G)ᵀA."""
+    if factors.batch_size == 0:
+        return {name: torch.zeros_like(vectors[name]) for name in params}
+    return factors_weighted_sum(factors, factors_dots(factors, vectors), params)
+
+
+def factors_gram(first: Factors, second: Factors, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """⟨g_i, g_j⟩ for sample i of ``first`` and j of ``second`` → [B1, B2].
+
+    Both must be captured with the same model and parameters. Each layer's block comes from its
+    rule's ``cross_dots`` in the factors' dtype; the blocks are summed in ``dtype`` (default: the
+    factors' dtype), so a float64 Gram of a float32 model costs no float64 contraction.
+    """
+    cap = first.captured
+    out = torch.zeros(first.batch_size, second.batch_size, dtype=dtype or cap.losses.dtype, device=cap.losses.device)
+    if first.batch_size == 0 or second.batch_size == 0:
+        return out
+    others = {layer.module_name: layer for layer in second.captured.layers}
+    for layer in cap.layers:
+        other = others.get(layer.module_name)
+        if other is None:  # the module did not run on the second batch: its gradients there are zero
+            continue
+        block = layer.rule.cross_dots(layer.module, layer.a, layer.g, other.a, other.g)
+        out += _check_finite(block, "gradient Gram", f"layer {layer.module_name!r}")
+    for name, g in first.fallback.items():
+        out += _check_finite(_rows(g) @ _rows(second.fallback[name]).T, "gradient Gram", f"parameter {name!r}")
+    return out
+
+
+def grad_gram(model: nn.Module, loss: Loss, batch: Batch, other: Batch | None = None,
+              layers: list[str] | None = None) -> torch.Tensor:
+    """⟨∇ℓ_i, ∇ℓ_j⟩ for sample i of ``batch`` and j of ``other`` → [B1, B2] (``other=None``: ``batch``
+    with itself, [B, B], symmetric), over the trainable parameters (or those of ``layers``).
+
+    One forward/backward per batch; per layer the ghost form or chunks of built gradients, whichever
+    is cheaper (see :mod:`.layers`); parameters without a rule use chunked torch.func gradients.
+    """
+    check_loss(loss)
+    params = trainable(model, layers)
+    first = check_batch(batch, "batch")
+    second = first if other is None else check_batch(other, "other")
+    if first[0].shape[0] == 0 or second[0].shape[0] == 0:
+        return torch.zeros(first[0].shape[0], second[0].shape[0], dtype=next(iter(params.values())).dtype)
+    factors = capture_factors(model, loss, first, params)
+    return factors_gram(factors, factors if other is None else capture_factors(model, loss, second, params))
 
 
 def fisher_vp(model: nn.Module, loss: Loss, batch: Batch, vectors: dict[str, torch.Tensor],

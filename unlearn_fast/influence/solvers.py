@@ -5,15 +5,24 @@ A = C + (λ+δ) I is the [P, P] curvature operator of :mod:`.curvature` (never f
 name → [*shape] / [K, *shape]); internally they are B [K, P] and the solution X [K, P] satisfies
 A X_kᵀ = B_kᵀ for each k; it is returned in the form of ``rhs``.
 
-Solvers (registry ``SOLVERS``: name → fn(op, B [K, P], *, tol, max_iter, progress) → (X [K, P],
-operator products used, problems found); a new solver such as kfac, ekfac or lissa is one entry):
+Solvers (registry ``SOLVERS``: name → fn(op, B [K, P], *, tol, max_iter, progress, **options) → (X [K, P],
+operator products used, problems found); a new solver is one entry, and the keyword options it takes
+beyond these (``fn.options``, a tuple of names) come through ``solver_options``):
 
 - ``cg``: conjugate gradient, batched over the K columns, each with its own α_k = r_kᵀr_k / p_kᵀAp_k and
   β_k. A column stops when ‖r_k‖ ≤ tol·‖b_k‖; the others keep going, and only the active columns are
   multiplied by A. CG needs A positive definite: p_kᵀAp_k ≤ 0 proves A indefinite (an undamped Hessian)
   and stops that column.
+- ``lissa`` (:mod:`.lissa`): the LiSSA recursion x_{j+1} = b + (I − A/s) x_j, x = x_j/s, full-batch,
+  i.e. Richardson iteration / a truncated Neumann series; s from power iterations on A unless given.
+  Each column stops when its true residual (free from the step's product) is ≤ tol. Converges like
+  (1 − λ_min/s)^j: slowly for small damping, where cg is much faster. ``solver_options``: ``scale``,
+  ``power_iterations``, ``seed``.
 - ``exact``: A formed densely, column chunks at a time (A e_j for EXACT_CHUNK unit vectors per product),
   symmetrised, and solved in float64 (Cholesky; LU when A is not positive definite).
+- ``woodbury`` (:mod:`.woodbury`, ``curvature="fisher"`` only): exact direct solve through the [N, N]
+  Gram of the per-sample gradients, (1/s)(b − Jᵀ(N s I + J Jᵀ)⁻¹ J b); for N up to about 20k samples
+  it beats cg when N ≪ P (one data pass, one float64 Cholesky). tol and max_iter do not apply.
 - ``kfac`` / ``ekfac`` (:mod:`.kfac`): direct APPROXIMATE solves with a block-diagonal Kronecker-factored
   curvature (eigenvalue-corrected for ekfac), built in one pass over the data (two for ekfac); tol and
   max_iter do not apply. Such a solver carries ``approximate = True``: its true residual measures the
@@ -21,7 +30,10 @@ operator products used, problems found); a new solver such as kfac, ekfac or lis
   warned about nor held against ``converged``.
 
 ``preconditioner="kfac"`` / ``"ekfac"`` (``solver="cg"`` only) runs preconditioned CG with
-(M + (λ+δ) I)⁻¹ from :func:`.kfac.kronecker_preconditioner` (for the Hessian, M estimates the GGN).
+(M + (λ+δ) I)⁻¹ from :func:`.kfac.kronecker_preconditioner` (for the Hessian, M estimates the GGN);
+``preconditioner="diagonal"`` with the Jacobi r ↦ r / (diag(C) + λ + δ) of
+:func:`.preconditioners.diagonal_preconditioner` (diag(C) exact for the Fisher and for the GGN of a
+model with few outputs, Hutchinson's estimate otherwise). Building a preconditioner costs products or data passes not counted in ``iterations``.
 
 Whatever the solver, the reported residuals ‖b_k − A x_k‖ / ‖b_k‖ come from one fresh product at the
 end: the true residual, not CG's recursive estimate (which drifts from it under rounding).
@@ -41,8 +53,12 @@ from tqdm.auto import tqdm
 from ..losses import Loss
 from ..validation import check_choice, check_number, check_positive_int
 from .curvature import CURVATURES, CurvatureOperator, Data, VectorForm
+from .iteration import Events, column_steps, describe, stop_columns
 from .kfac import ekfac_solver, kfac_solver, kronecker_preconditioner
+from .lissa import lissa
+from .preconditioners import diagonal_preconditioner
 from .vectors import Vector, as_dict, as_flat
+from .woodbury import woodbury_solver
 
 EXACT_MAX_PARAMS = 10_000  # a dense float64 [P, P] is 0.8 GB at 10k, and the solve copies it about twice
 EXACT_CHUNK = 64  # unit vectors per product while forming A: bounds the vmapped K × batch activations
@@ -58,7 +74,8 @@ class SolveResult:
 
     solution: x in the form of ``rhs``. relative_residual: max_k ‖b_k − A x_k‖/‖b_k‖ from a fresh
     product. residuals: the same per right-hand side (absolute ‖A x_k‖ for b_k = 0). iterations: CG
-    iterations, for ``exact`` the operator products used to form A, for ``kfac``/``ekfac`` the passes
+    iterations, for ``lissa`` the steps of the recursion (one product each, plus the power iterations
+    that set its scale), for ``exact`` the operator products used to form A, for ``kfac``/``ekfac`` the passes
     over the data. converged: every residual ≤ tol and no problem met; for an ``approximate`` solver
     (kfac, ekfac) no problem met: its residual is the approximation error against the exact curvature
     and tol does not apply. message: what happened, in words.
@@ -90,18 +107,13 @@ def _cg(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, pr
     p, rs = z.clone(), (r * z).sum(dim=1)  # rs = rᵀ M⁻¹ r (= rᵀr without a preconditioner)
     bnorm = b.norm(dim=1)
     active = bnorm > 0  # b_k = 0 has the exact answer x_k = 0
-    negative: dict[int, tuple[int, float]] = {}
+    negative: Events = {}
     it = 0
-    bar = tqdm(total=max_iter, desc="cg", disable=not progress, leave=False)
-    while bool(active.any()) and it < max_iter:
-        it += 1
-        idx = active.nonzero().squeeze(1)
+    for it, idx in column_steps(active, max_iter, "cg", progress, lambda: r.norm(dim=1) / bnorm.clamp_min(1e-300)):
         ap = op.matvec(p[idx])
         pap = (p[idx] * ap).sum(dim=1)
         ok = pap > 0
-        for j, value in zip(idx[~ok].tolist(), pap[~ok].tolist()):  # A is not positive definite along p_j
-            negative[j] = (it, value)
-            active[j] = False
+        stop_columns(active, idx, ~ok, negative, it, pap)  # A is not positive definite along p_j
         idx, ap, pap = idx[ok], ap[ok], pap[ok]
         alpha = (rs[idx] / pap).unsqueeze(1)
         x[idx] += alpha * p[idx]
@@ -111,14 +123,9 @@ def _cg(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, pr
         p[idx] = z + (rs_new / rs[idx]).unsqueeze(1) * p[idx]
         rs[idx] = rs_new
         active[idx[r[idx].norm(dim=1) <= tol * bnorm[idx]]] = False
-        bar.update(1)
-        if progress:
-            bar.set_postfix(residual=f"{float((r.norm(dim=1) / bnorm.clamp_min(1e-300)).max()):.2e}")
-    bar.close()
     problems = []
     if negative:
-        detail = ", ".join(f"rhs {j} at iteration {i} (pᵀAp = {v:.3g})" for j, (i, v) in sorted(negative.items()))
-        problems.append(f"negative curvature met: {detail}; the curvature is indefinite there: "
+        problems.append(f"negative curvature met: {describe(negative, 'pᵀAp')}; the curvature is indefinite there: "
                         "raise damping or use curvature='ggn'")
     if bool(active.any()):
         problems.append(f"cg did not converge within max_iter={max_iter} for rhs {active.nonzero().squeeze(1).tolist()}: "
@@ -150,19 +157,48 @@ def _exact(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int,
     return x.T.to(b.dtype), len(starts), []
 
 
-SOLVERS: dict[str, Solver] = {"cg": _cg, "exact": _exact, "kfac": kfac_solver, "ekfac": ekfac_solver}
-PRECONDITIONERS = ("kfac", "ekfac")  # for solver="cg"
+SOLVERS: dict[str, Solver] = {"cg": _cg, "exact": _exact, "kfac": kfac_solver, "ekfac": ekfac_solver, "lissa": lissa,
+                              "woodbury": woodbury_solver}
+# What a solver's count means in messages (default: operator products).
+_COUNT_UNITS = {"cg": "iterations", "lissa": "iterations", "woodbury": "data passes"}
+# preconditioner name → builder(op, progress) → r [K, P] ↦ M⁻¹ r, for solver="cg"
+_PRECONDITIONER_BUILDERS: dict[str, Callable[[CurvatureOperator, bool], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "kfac": lambda op, progress: kronecker_preconditioner(op, eigen_correct=False, progress=progress),
+    "ekfac": lambda op, progress: kronecker_preconditioner(op, eigen_correct=True, progress=progress),
+    "diagonal": lambda op, progress: diagonal_preconditioner(op, progress=progress),
+}
+PRECONDITIONERS = tuple(_PRECONDITIONER_BUILDERS)
 
 
-def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", tol: float = 1e-4, max_iter: int = 500,
-                   progress: bool = False, preconditioner: str | None = None) -> SolveResult:
-    """Solve op(x) = rhs with an already built :class:`CurvatureOperator` (reuse it across solves)."""
+def _check_solver_arguments(solver: str, preconditioner: str | None, solver_options: dict | None) -> dict:
+    """Validate the solver, its preconditioner and its options; returns the options (a new dict)."""
     check_choice(solver, SOLVERS, "solver")
     if preconditioner is not None:
         check_choice(preconditioner, PRECONDITIONERS, "preconditioner")
         if solver != "cg":
             raise ValueError(f"preconditioner={preconditioner!r} works with solver='cg' only, not solver={solver!r}; "
                              "use preconditioner=None")
+    if solver_options is None:
+        return {}
+    if not isinstance(solver_options, dict):
+        raise ValueError(f"solver_options must be a dict of keyword options or None, got {type(solver_options).__name__}")
+    valid = tuple(getattr(SOLVERS[solver], "options", ()))
+    bad = [k for k in solver_options if k not in valid]
+    if bad:
+        raise ValueError(f"solver_options key(s) {bad} not accepted by solver={solver!r}; valid keys: "
+                         f"{', '.join(map(repr, valid)) if valid else f'none ({solver} takes no options)'}")
+    return dict(solver_options)
+
+
+def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", tol: float = 1e-4, max_iter: int = 500,
+                   progress: bool = False, preconditioner: str | None = None,
+                   solver_options: dict | None = None) -> SolveResult:
+    """Solve op(x) = rhs with an already built :class:`CurvatureOperator` (reuse it across solves).
+
+    ``solver_options``: extra keyword options of the solver (``lissa``: ``scale``, ``power_iterations``,
+    ``seed``); a key the solver does not take raises, naming the valid ones.
+    """
+    options = _check_solver_arguments(solver, preconditioner, solver_options)
     tol = check_number(tol, "tol", low=0.0, low_open=True)
     max_iter = check_positive_int(max_iter, "max_iter")
     start = time.perf_counter()
@@ -170,10 +206,9 @@ def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", to
     b = as_flat({n: t.to(device=op.device, dtype=op.dtype) for n, t in as_dict(rhs, op.params).items()}, op.params)
     if not torch.isfinite(b).all():
         raise ValueError("rhs has non-finite entries")
-    extra = {}
     if preconditioner is not None:
-        extra["precondition"] = kronecker_preconditioner(op, eigen_correct=preconditioner == "ekfac", progress=progress)
-    x, iterations, problems = SOLVERS[solver](op, b, tol=tol, max_iter=max_iter, progress=progress, **extra)
+        options["precondition"] = _PRECONDITIONER_BUILDERS[preconditioner](op, progress)
+    x, iterations, problems = SOLVERS[solver](op, b, tol=tol, max_iter=max_iter, progress=progress, **options)
     approximate = bool(getattr(SOLVERS[solver], "approximate", False))
     r = b - op.matvec(x)  # our own true residual, from a fresh product
     bnorm, rnorm = b.norm(dim=1), r.norm(dim=1)
@@ -188,7 +223,7 @@ def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", to
                    f"against the exact {op.kind} curvature is the approximation error, not a convergence failure")
     else:
         converged = not problems and worst <= tol
-        unit = "iterations" if solver == "cg" else "products"
+        unit = _COUNT_UNITS.get(solver, "products")
         message = (f"{solver}{' + ' + preconditioner + ' preconditioner' if preconditioner else ''}: "
                    f"{'converged' if converged else 'NOT converged'}, relative residual {worst:.3g} "
                    f"(tol {tol:g}) after {iterations} {unit}")
@@ -204,23 +239,26 @@ def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", to
 def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str = "cg", curvature: str = "ggn",
           weight_decay: float = 0.0, damping: float = 0.0, tol: float = 1e-4, max_iter: int = 500, batch_size: int = 512,
           layers: list[str] | None = None, device: str | torch.device | None = None, progress: bool = False,
-          preconditioner: str | None = None) -> SolveResult:
+          preconditioner: str | None = None, solver_options: dict | None = None) -> SolveResult:
     """x = (C + (weight_decay + damping) I)⁻¹ rhs, with C the ``curvature`` of the mean loss over ``data``.
 
     ``rhs``: flat [P] / [K, P] or dict name → [*shape] / [K, *shape] over ``trainable(model, layers)``;
     ``solution`` has the same form. A solve that does not reach ``tol`` returns ``converged=False``
     with the reason in ``message`` and warns once (:class:`SolverWarning`). ``solver="kfac"`` /
     ``"ekfac"`` solve with the Kronecker approximation instead (``approximate=True`` in the result);
-    ``preconditioner="kfac"`` / ``"ekfac"`` preconditions ``solver="cg"`` with it.
+    ``preconditioner="kfac"`` / ``"ekfac"`` preconditions ``solver="cg"`` with it, ``"diagonal"`` with
+    the curvature's diagonal (Jacobi). ``solver="lissa"`` runs the LiSSA recursion (slow for small
+    damping; for reference). ``solver_options``: the solver's extra keyword options (``lissa``:
+    ``scale``, ``power_iterations``, ``seed``).
     """
-    check_choice(solver, SOLVERS, "solver")
+    _check_solver_arguments(solver, preconditioner, solver_options)
     check_choice(curvature, CURVATURES, "curvature")
     check_number(tol, "tol", low=0.0, low_open=True)
     check_positive_int(max_iter, "max_iter")
     op = CurvatureOperator(model, loss, data, kind=curvature, weight_decay=weight_decay, damping=damping,
                            batch_size=batch_size, layers=layers, device=device)
     return solve_operator(op, rhs, solver=solver, tol=tol, max_iter=max_iter, progress=progress,
-                          preconditioner=preconditioner)
+                          preconditioner=preconditioner, solver_options=solver_options)
 
 
 __all__ = ["EXACT_MAX_PARAMS", "PRECONDITIONERS", "SOLVERS", "SolveResult", "SolverWarning", "solve", "solve_operator"]
