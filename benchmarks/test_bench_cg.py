@@ -12,13 +12,14 @@ compared with our ``CurvatureOperator`` on a random vector) and must reach the S
 accuracy: ‖b − (C+δI)x‖ / ‖b‖ ≤ BAR = 1e-4, ALWAYS recomputed from the returned x with our
 ``CurvatureOperator`` (the peers measure their own stopping rules differently, see below). Each
 peer's tolerance knob is set to the loosest value whose solution meets that bar (``TUNED``; re-run
-the search with ``python benchmarks/test_bench_cg.py tune``), and that setting is what is timed.
+the search with ``python benchmarks/tune_cg.py tune``), and that setting is what is timed.
 Iterations, the setting, the achieved residual and the distance to a tight (tol 1e-5) solution of
 ours go to ``benchmark.extra_info``.
 
 Groups:
 
-1. "CG empirical Fisher" (C = (1/N) Σ g_i g_iᵀ): ours ``solve(curvature="fisher")``; pyDVL's
+1. "CG empirical Fisher" (C = (1/N) Σ g_i g_iᵀ): ours ``solve(curvature="fisher")`` with cg and with the
+   direct ``woodbury`` solver (exact through the [N, N] Gram of per-sample gradients); pyDVL's
    ``CgInfluence`` in ``SecondOrderMode.GAUSS_NEWTON`` (which is the empirical Fisher) — the peer;
    dattri's ``ihvp_cg`` on a function whose Hessian is the empirical Fisher (dattri's CG only ever
    takes the Hessian of a scalar function; see ``_dattri_function``).
@@ -34,8 +35,6 @@ Groups:
 from __future__ import annotations
 
 import copy
-import sys
-import time
 import warnings
 
 import numpy as np
@@ -165,9 +164,9 @@ def record(benchmark, setting: Setting, kind: str, solution: torch.Tensor, **inf
 # Ours
 
 
-def ours_solve(setting: Setting, kind: str):
+def ours_solve(setting: Setting, kind: str, solver: str = "cg"):
     return solve(setting.model, "cross_entropy", (setting.x, setting.y), setting.b, curvature=kind, damping=DAMPING,
-                 tol=BAR, max_iter=OURS_MAX_ITER)
+                 tol=BAR, max_iter=OURS_MAX_ITER, solver=solver)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,12 +302,13 @@ def _pedantic(benchmark, fn, rounds: int, warmup: int = 1):
 GROUPS = {"fisher": FISHER_GROUP, "ggn": GGN_GROUP}
 
 
-@pytest.mark.parametrize("kind", list(GROUPS))
-def test_ours(benchmark, setting, kind):
+# The empirical Fisher also has an exact direct solve (woodbury: the [N, N] Gram, N = 1437 ≪ P = 85k).
+@pytest.mark.parametrize(("kind", "solver"), [("fisher", "cg"), ("fisher", "woodbury"), ("ggn", "cg")])
+def test_ours(benchmark, setting, kind, solver):
     benchmark.group = GROUPS[kind]
-    result = _pedantic(benchmark, lambda: ours_solve(setting, kind), OURS_ROUNDS)
+    result = _pedantic(benchmark, lambda: ours_solve(setting, kind, solver), OURS_ROUNDS)
     record(benchmark, setting, kind, result.solution, iterations=result.iterations, tol=BAR,
-           own_relative_residual=result.relative_residual)
+           own_relative_residual=result.relative_residual, solver=solver)
     assert result.converged, result.message
 
 
@@ -395,60 +395,3 @@ def test_retrain_reference(benchmark, setting):
     benchmark.extra_info["peer"] = True  # the peer of its own group only; the CG groups have theirs
     benchmark.extra_info["recipe"] = f"{EPOCHS} epochs SGD lr {LR}, batch {BATCH}, N={setting.x.shape[0]}"
     _pedantic(benchmark, lambda: train_mlp(copy.deepcopy(setting.initial), setting.x, setting.y), RETRAIN_ROUNDS)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tuning (python benchmarks/test_bench_cg.py tune) and profiling (... profile [fisher|ggn])
-
-
-def _tune() -> None:
-    """Loosest setting of each peer whose solution meets BAR by our operator."""
-    setting = Setting()
-    for kind, tuned in TUNED["dattri"].items():
-        print(f"dattri {kind} ({tuned['mode']}): operator mismatch {_check_dattri_operator(setting, kind, tuned['mode']):.2e}")
-        for max_iter in range(100, 1001, 10):
-            start = time.perf_counter()
-            residual = setting.residual(kind, _dattri_solve(setting, kind, max_iter, tuned["mode"]))
-            print(f"  max_iter={max_iter}: residual {residual:.3g} ({time.perf_counter() - start:.1f} s)", flush=True)
-            if residual <= BAR:
-                break
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        print(f"pyDVL fisher: operator mismatch {_check_pydvl_operator(setting):.2e}")
-        for rtol in (1.2e-2, 1e-2, 7e-3, 5e-3, 3e-3, 2e-3, 1e-3):
-            start = time.perf_counter()
-            solution, products = _pydvl_solve(setting, rtol)
-            residual = setting.residual("fisher", solution)
-            print(f"  rtol={rtol:g}: {products - 1} iterations, residual {residual:.3g} "
-                  f"({time.perf_counter() - start:.1f} s)", flush=True)
-            if residual <= BAR:
-                break
-
-
-def _profile(kind: str) -> None:
-    import cProfile
-    import pstats
-
-    setting = Setting()
-    ours_solve(setting, kind)  # warm-up
-    profiler = cProfile.Profile()
-    profiler.enable()
-    result = ours_solve(setting, kind)
-    profiler.disable()
-    print(result.message)
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        ours_solve(setting, kind)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(2)
-    if sys.argv[1:2] == ["tune"]:
-        _tune()
-    elif sys.argv[1:2] == ["profile"]:
-        _profile(sys.argv[2] if len(sys.argv) > 2 else "fisher")
-    else:
-        raise SystemExit("usage: python benchmarks/test_bench_cg.py tune | profile [fisher|ggn]")

@@ -25,8 +25,9 @@ import torch
 
 import unlearn_fast as uf
 from unlearn_fast.data import as_tensors, default_recipe
-from unlearn_fast.evaluate.metrics import DEFAULT_RI_MIN_GAP, residual_influence_per_target
-from unlearn_fast.evaluate.evaluation import split_outputs
+from unlearn_fast.evaluate.evaluation import DEFAULT_RI_MIN_GAP, split_outputs
+from unlearn_fast.evaluate.metrics import residual_influence_per_target
+
 
 sys.path.insert(0, str(Path(__file__).parent))
 from augmented_digits import augmented_digits  # noqa: E402

@@ -222,7 +222,7 @@ def test_diagonal_blocks_for_embedding_layernorm_and_fallback_parameters():
     torch.testing.assert_close(kron.matvec(kron.solve(b)), b, rtol=1e-9, atol=1e-11)
 
 
-# -- sampled labels (curvature="ggn") ------------------------------------------------------------
+# -- random output cotangents (curvature="ggn") --------------------------------------------------------
 def test_sampled_factors_estimate_the_ggn_and_are_seeded():
     torch.manual_seed(5)
     lin = nn.Linear(3, 3).double()
@@ -236,10 +236,31 @@ def test_sampled_factors_estimate_the_ggn_and_are_seeded():
     same = fit_kronecker(op, seed=0).blocks[0].g_factor
     assert torch.equal(same, fit_kronecker(op, seed=0).blocks[0].g_factor)
     assert not torch.equal(same, fit_kronecker(op, seed=1).blocks[0].g_factor)
-    # mse: y = z + N(0, I/2) makes E[g gᵀ] = 2 I, the GGN's H
+    # mse: u = √2 ε makes E[g gᵀ] = 2 I, the GGN's H
     op = CurvatureOperator(lin, "mse", (x, torch.randn(20, 3, dtype=DT)), kind="ggn", damping=1e-3)
     (block,) = fit_kronecker(op, samples=300).blocks
     assert float((block.g_factor - 2 * torch.eye(3, dtype=DT)).norm() / (2 * 3 ** 0.5)) < 0.05
+
+
+def test_cotangent_draws_are_unbiased_with_far_less_variance_than_label_draws():
+    """One confident sample (p_max = 0.944): u uᵀ over 20,000 draws of our cotangents averages to H (to 2%
+    of ‖H‖; measured 0.5%), and its mean squared error E‖u uᵀ − H‖² is far below that of label draws
+    y ~ softmax(z), g = p − e_y (computed exactly by enumerating y). Measured: 1.54 against 30.2 times
+    ‖H‖² (20×); asserted: at least 5×."""
+    from unlearn_fast.influence.kfac import _output_cotangents
+
+    lin = nn.Linear(1, 4).double()
+    op = CurvatureOperator(lin, "cross_entropy", (torch.zeros(2, 1, dtype=DT), torch.zeros(2, dtype=torch.long)), kind="ggn",
+                           damping=1e-3)
+    z = torch.tensor([[4.0, 0.5, 0.0, -0.5]], dtype=DT)
+    p = z.softmax(1)[0]
+    h = torch.diag(p) - torch.outer(p, p)
+    u = _output_cotangents(op, z.expand(20_000, 4), torch.Generator().manual_seed(0))
+    outer = u[:, :, None] * u[:, None, :]
+    assert float((outer.mean(0) - h).norm() / h.norm()) < 0.02
+    ours = float((outer - h).pow(2).sum((1, 2)).mean())
+    labels = sum(float(p[y]) * float((torch.outer(p - e, p - e) - h).pow(2).sum()) for y, e in enumerate(torch.eye(4, dtype=DT)))
+    assert ours * 5 <= labels, (ours / float(h.pow(2).sum()), labels / float(h.pow(2).sum()))
 
 
 # -- through solve and influence_unlearn ---------------------------------------------------------
