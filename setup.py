@@ -6,7 +6,7 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "unlearn_fast._C",
-        sorted(["csrc/module.cpp", "csrc/union_find.cpp"]),
+        sorted(["csrc/minhash.cpp", "csrc/module.cpp", "csrc/union_find.cpp"]),
         cxx_std=17,
         extra_compile_args=["-O3"],
     )

@@ -1,0 +1,15 @@
+"""Near-duplicate discovery: embeddings, a FAISS similarity index, MinHash-LSH (C++), gradient similarity."""
+
+from __future__ import annotations
+
+from .embeddings import input_features, model_features
+from .index import SimilarityIndex
+from .minhash import (
+    candidate_pairs, exact_jaccard, jaccard_estimate, lsh_params, minhash_signatures, near_duplicate_groups,
+    near_duplicate_pairs,
+)
+
+__all__ = [
+    "SimilarityIndex", "candidate_pairs", "exact_jaccard", "input_features", "jaccard_estimate", "lsh_params",
+    "minhash_signatures", "model_features", "near_duplicate_groups", "near_duplicate_pairs",
+]
