@@ -45,7 +45,8 @@ SETTINGS = {
         "rounds": 1,
         # CG on this CNN's GGN costs a full-data product (~1.5 epochs) per iteration: not a contender here.
         "variants": {"ekfac": {"solver": "ekfac"}, "kfac": {"solver": "kfac"},
-                     "ekfac, curvature from 10k samples": {"solver": "ekfac", "curvature_samples": 10_000}},
+                     "ekfac, curvature from 10k samples": {"solver": "ekfac", "curvature_samples": 10_000},
+                     "ekfac, curvature from 5k samples": {"solver": "ekfac", "curvature_samples": 5_000}},
     },
 }
 

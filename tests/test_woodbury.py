@@ -6,6 +6,8 @@ torch.linalg.solve. The Woodbury solve is exact up to rounding: norm-wise relati
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -88,3 +90,19 @@ def test_refuses_other_kinds_zero_shift_and_too_many_samples(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"expected \[51\] or \[K, 51\]"):
         woodbury_solver(fisher, b[:, :50], tol=1e-4, max_iter=1, progress=False)
+
+
+def test_iterative_refinement_lowers_the_float32_residual(monkeypatch):
+    """float32 model, s = 1e-4 + λ: the direct solve alone floors at a relative residual of 3.5e-5
+    (measured), refinement rounds bring it to 2.4e-6; asserted: refinement at least 5× lower and ≤ 1e-5."""
+    model, x, y = _problem("mlp", 40, torch.float32)
+    op = CurvatureOperator(model, "cross_entropy", (x, y), kind="fisher", weight_decay=WEIGHT_DECAY, damping=1e-4,
+                           batch_size=16)
+    b = torch.randn(2, op.num_params, generator=torch.Generator().manual_seed(0))
+    residuals = {}
+    for rounds in (0, woodbury.REFINEMENTS):
+        monkeypatch.setattr(woodbury, "REFINEMENTS", rounds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", solvers.SolverWarning)  # tol 1e-7 is below float32's floor on purpose
+            residuals[rounds] = solvers.solve_operator(op, b, solver="woodbury", tol=1e-7).relative_residual
+    assert residuals[woodbury.REFINEMENTS] * 5 <= residuals[0] and residuals[woodbury.REFINEMENTS] <= 1e-5, residuals

@@ -22,7 +22,7 @@ beyond these (``fn.options``, a tuple of names) come through ``solver_options``)
   symmetrised, and solved in float64 (Cholesky; LU when A is not positive definite).
 - ``woodbury`` (:mod:`.woodbury`, ``curvature="fisher"`` only): exact direct solve through the [N, N]
   Gram of the per-sample gradients, (1/s)(b − Jᵀ(N s I + J Jᵀ)⁻¹ J b); for N up to about 20k samples
-  it beats cg when N ≪ P (one data pass, one float64 Cholesky). tol and max_iter do not apply.
+  it beats cg when N ≪ P (one data pass, one float64 Cholesky, then iterative refinement to tol).
 - ``kfac`` / ``ekfac`` (:mod:`.kfac`): direct APPROXIMATE solves with a block-diagonal Kronecker-factored
   curvature (eigenvalue-corrected for ekfac), built in one pass over the data (two for ekfac); tol and
   max_iter do not apply. Such a solver carries ``approximate = True``: its true residual measures the
