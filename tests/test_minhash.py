@@ -92,8 +92,9 @@ def corpus():
 
 # ---------------------------------------------------------------- bit-exact hashing
 # ASCII-only texts take a fast path in C++, so they get a strategy of their own beside arbitrary code points.
+# Lone surrogates (category Cs) have no UTF-8 form and are rejected by design, so they are left out here.
 text_strategy = st.one_of(
-    st.text(alphabet=st.one_of(st.characters(), st.sampled_from(" \t\n\u3000\u00a0\u2003\x1f")), min_size=1, max_size=24),
+    st.text(alphabet=st.one_of(st.characters(exclude_categories=("Cs",)), st.sampled_from(" \t\n\u3000\u00a0\u2003\x1f")), min_size=1, max_size=24),
     st.text(alphabet=st.characters(max_codepoint=127), min_size=1, max_size=40),
 )
 

@@ -1,6 +1,6 @@
 """unlearn_fast: machine unlearning that measures, and removes, the influence near-duplicates keep.
 
-Public face: :func:`load_dataset`, :func:`train`, :func:`attach`, :func:`unlearn`, :func:`influence_unlearn`, :func:`compute_metrics`,
+Public face: :func:`load_dataset`, :func:`train`, :func:`attach`, :func:`find_similar`, :func:`unlearn`, :func:`influence_unlearn`, :func:`compute_metrics`,
 :func:`run_study`, and the registries ``METHODS`` and ``METRICS``.
 """
 
@@ -14,6 +14,7 @@ from .evaluate import METRICS, Evaluation, compute_metrics
 from .influence import influence_unlearn
 from .methods import METHODS, unlearn
 from .models import MODELS, build_model
+from .similarity import find_similar
 from .train import train
 
 __version__ = "0.1.0"
@@ -28,6 +29,6 @@ def run_study(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201
 
 __all__ = [
     "DATASETS", "METHODS", "METRICS", "MODELS", "Evaluation", "SimilarDataset", "TrainingContext",
-    "attach", "build_model", "compute_metrics", "evaluate", "get_context", "influence_unlearn", "load_checkpoint", "load_dataset", "run_study",
+    "attach", "build_model", "compute_metrics", "evaluate", "find_similar", "get_context", "influence_unlearn", "load_checkpoint", "load_dataset", "run_study",
     "save_checkpoint", "train", "unlearn",
 ]

