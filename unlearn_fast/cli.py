@@ -13,6 +13,8 @@ DEFAULT_OUT = "unlearn-fast-results"
 def _parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .methods import METHODS
+    from .methods.expansion import SIMILAR_SUFFIX
+    from .study import DEFAULT_METHODS
 
     parser = argparse.ArgumentParser(prog="unlearn-fast", description="Machine unlearning with near-duplicate-aware evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,8 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "results.json, results.csv and report.md (with plots) into --out.")
     study.add_argument("--dataset", default="digits-blockmask", help=f"one of: {', '.join(DATASETS.names())} (default: %(default)s)")
     study.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                       help=f"methods besides original/retrain/oracle; from: {', '.join(METHODS.names())} "
-                            "(default: retrain finetune gradient_ascent)")
+                       help=f"methods besides original/retrain/oracle; from: {', '.join(METHODS.names())}, each also as "
+                            f"METHOD{SIMILAR_SUFFIX} (the forget set expanded with the near-duplicates found) "
+                            f"(default: {' '.join(DEFAULT_METHODS)})")
     study.add_argument("--seeds", type=int, default=3, help="number of seeds (default: %(default)s)")
     study.add_argument("--similar", type=int, nargs="+", default=None, metavar="C",
                        help="near-duplicate copies per target; several values run several conditions "
@@ -66,6 +69,7 @@ def _list() -> int:
     from .data import DATASETS
     from .evaluate import METRICS
     from .methods import METHODS
+    from .methods.expansion import SIMILAR_SUFFIX
     from .models import MODELS
 
     for title, registry in (("datasets", DATASETS), ("models", MODELS), ("methods", METHODS), ("metrics", METRICS)):
@@ -75,6 +79,8 @@ def _list() -> int:
             print(f"  {entry.name:24s} {entry.description}" + (f"  [{defaults}]" if defaults else ""))
         if registry is METHODS:
             print(f"  {'original':24s} (study reference, not a method) the model trained on everything")
+            print(f"  {'METHOD' + SIMILAR_SUFFIX:24s} (study only) METHOD after adding the targets' near-duplicates, "
+                  "as unlearn(..., similar='auto')")
     return 0
 
 

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from ..context import resolve_context, set_context
+from ..methods.expansion import SimilarExpansion, forget_request
 from ..methods.registry import METHODS, UnlearnTask
-from ..validation import check_choice, check_ids, check_number, check_positive_int, resolve_device
+from ..validation import check_choice, check_number, check_positive_int, resolve_device
 from .per_sample import loss_gradient
 from .solvers import solve
 from .vectors import as_dict, as_flat, trainable
@@ -58,6 +59,7 @@ class UnlearnReport:
     converged: bool
     message: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    similar: SimilarExpansion | None = None   # the near-duplicates found and added (similar=...)
 
 
 def _batches(inputs: torch.Tensor, labels: torch.Tensor, size: int, device: torch.device):
@@ -85,6 +87,9 @@ def influence_unlearn(
     max_iter: int = 200,
     device: str | torch.device = "auto",
     progress: bool = True,
+    similar: float | str | None = None,
+    similar_method: str = "auto",
+    similar_action: str = "remove",
 ) -> UnlearnReport:
     """Remove ``forget_ids``' influence from ``model`` in place with one Newton step (see module doc).
 
@@ -104,25 +109,26 @@ def influence_unlearn(
             the exact sums. The curvature is a mean over R, so a subset is an unbiased estimate of
             it; on large data it makes the solve cost independent of N (kronfluence bounds its
             factor fits the same way, with ``covariance_max_examples``). None: all retain samples.
+        similar, similar_method, similar_action: expand the forget set with the targets'
+            near-duplicates, or only list them, as in :func:`unlearn_fast.unlearn`.
     Returns:
-        An :class:`UnlearnReport`. The model's context then records the removed ids. A non-finite
-        step raises ValueError and leaves the model unchanged.
+        An :class:`UnlearnReport` (``similar`` lists the near-duplicates found). The model's context
+        then records the removed ids. A non-finite step raises ValueError and leaves the model unchanged.
     """
     ctx = resolve_context(model, data=data, loss=loss, weight_decay=weight_decay)
-    ids = check_ids(forget_ids, len(ctx.data))  # type: ignore[arg-type]
-    already = sorted(set(ids) & set(ctx.removed_ids))
-    if already:
-        raise ValueError(f"forget_ids {already[:10]} were already unlearned from this model")
-    retain = ctx.retain_ids(ids)
-    if not retain:
-        raise ValueError("forget_ids cover the whole training set: nothing would be left to define the model")
+    # The cheap checks come before the near-duplicate search, so bad options fail fast.
     check_choice(gradient, GRADIENTS, "gradient")
+    check_choice(curvature, tuple(AUTO_DAMPING), "curvature")
     if curvature_samples is not None:
         check_positive_int(curvature_samples, "curvature_samples")
     check_positive_int(seed, "seed", minimum=0)
-    check_choice(curvature, tuple(AUTO_DAMPING), "curvature")
     delta = AUTO_DAMPING[curvature] if damping == "auto" else check_number(damping, "damping")
     dev = resolve_device(device)
+    ids, expansion = forget_request(model, ctx, forget_ids, similar, similar_method=similar_method,
+                                    similar_action=similar_action, device=dev, progress=progress)
+    retain = ctx.retain_ids(ids)
+    if not retain:
+        raise ValueError("forget_ids cover the whole training set: nothing would be left to define the model")
     size = batch_size or 512
     params = trainable(model, layers)
     lam = ctx.weight_decay
@@ -175,6 +181,7 @@ def influence_unlearn(
         removed_ids=sorted(ids), step_norm=step_norm, relative_step=step_norm / max(theta_norm, 1e-30),
         solver=solver, curvature=curvature, damping=delta, relative_residual=float(result.relative_residual),
         iterations=int(result.iterations), converged=bool(result.converged), message=result.message, seconds=seconds,
+        similar=expansion,
     )
 
 
@@ -188,5 +195,7 @@ def influence(model: nn.Module, task: UnlearnTask, **hyper: Any) -> nn.Module:
     """
     out = copy.deepcopy(model)
     set_context(out, task.context)
-    out.unlearn_fast_report = influence_unlearn(out, task.forget_ids, device=task.device, progress=task.progress, **hyper)
+    # unlearn() already expanded task.forget_ids; the report carries that expansion's listing.
+    report = influence_unlearn(out, task.forget_ids, device=task.device, progress=task.progress, **hyper)
+    out.unlearn_fast_report = replace(report, similar=task.similar)
     return out

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ..context import resolve_context
-from ..validation import check_ids, resolve_device
+from ..validation import resolve_device
 from . import finetune as _finetune  # noqa: F401  (registers finetune, gradient_ascent)
 from . import retrain as _retrain  # noqa: F401  (registers retrain, oracle)
+from .expansion import SIMILAR_ACTIONS, SimilarExpansion, forget_request
 from .registry import METHODS, UnlearnTask
 
 from ..influence import unlearn as _influence  # noqa: E402,F401  (registers influence; needs the registry above)
@@ -26,6 +27,9 @@ def unlearn(
     weight_decay: float | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
+    similar: float | str | None = None,
+    similar_method: str = "auto",
+    similar_action: str = "remove",
     **hyper: Any,
 ) -> nn.Module:
     """Unlearn ``forget_ids`` from ``model`` with a registered method; returns a new model.
@@ -34,16 +38,24 @@ def unlearn(
     ``data``/``loss``/``weight_decay`` override them (or supply them for a model with no context). ``hyper`` overrides the method's
     documented defaults (``METHODS.get(name).defaults``). The returned model's context records the
     removed ids, so a later request removes both.
+
+    Similarity-aware unlearning (:mod:`.expansion`): ``similar`` (None: off; "auto": the calibrated
+    default threshold; or a score threshold) finds the targets' near-duplicates in the training
+    data with ``find_similar`` (``similar_method``: "auto", "embedding", "minhash" or "gradient").
+    ``similar_action="remove"`` unlearns them with the targets; ``"report"`` only lists them. The
+    returned model's ``unlearn_fast_similar`` holds the :class:`SimilarExpansion` (None when off).
     """
     entry = METHODS.get(method)
     ctx = resolve_context(model, data=data, loss=loss, weight_decay=weight_decay)
-    ids = check_ids(forget_ids, len(ctx.data))  # type: ignore[arg-type]
-    already = sorted(set(ids) & set(ctx.removed_ids))
-    if already:
-        raise ValueError(f"forget_ids {already[:10]} were already unlearned from this model")
     hyper = METHODS.resolve_hyper(method, hyper)
-    task = UnlearnTask(context=ctx, forget_ids=ids, device=resolve_device(device), progress=progress)
-    return entry.fn(model, task, **hyper)
+    dev = resolve_device(device)
+    ids, expansion = forget_request(model, ctx, forget_ids, similar, similar_method=similar_method,
+                                    similar_action=similar_action, device=dev, progress=progress)
+    task = UnlearnTask(context=ctx, forget_ids=ids, device=dev, progress=progress, similar=expansion)
+    out = entry.fn(model, task, **hyper)
+    # Set even when None: the copy of ``model`` would otherwise carry an earlier request's record.
+    out.unlearn_fast_similar = expansion
+    return out
 
 
-__all__ = ["METHODS", "UnlearnTask", "unlearn"]
+__all__ = ["METHODS", "SIMILAR_ACTIONS", "SimilarExpansion", "UnlearnTask", "unlearn"]

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from ..context import TrainingContext, set_context
 from ..losses import Loss
 from ..registry import Registry
+from .expansion import SimilarExpansion
 
 Method = Callable[..., nn.Module]
 METHODS: Registry[Method] = Registry("method")
@@ -31,12 +32,14 @@ class UnlearnTask:
         forget_ids: validated train ids to unlearn in this request.
         device: resolved torch device.
         progress: whether to show progress bars.
+        similar: the near-duplicate expansion that made ``forget_ids`` (None: no expansion asked).
     """
 
     context: TrainingContext
     forget_ids: list[int]
     device: torch.device
     progress: bool = True
+    similar: SimilarExpansion | None = None
 
     @property
     def data(self) -> Dataset:

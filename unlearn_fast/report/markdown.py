@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from ..atomic_io import write_text
 from ..evaluate.evaluation import DEFAULT_RI_MIN_GAP
+from ..methods.expansion import SIMILAR_SUFFIX
 from .plots import plot_accuracies, plot_residual_influence
 from .summary import check_records, format_c, format_table, metric_stat, summarize
 
@@ -43,6 +44,13 @@ are accuracies on the targets, their near-duplicates, the retained training data
 test data; `mia_auc` is the AUC of a loss-threshold membership-inference attack. C (`similar`)
 is the number of planted near-duplicates per target; C=0 is the no-near-duplicate control.
 Tables give the mean ± half-width of the 95% Student-t confidence interval over seeds.
+"""
+
+SIMILAR_INTRO = """\
+**Similarity-aware rows.** `<method>{suffix}` is that method after adding to the forget set every
+training sample that `find_similar` finds as a near-duplicate of a target (default method and
+threshold). `added` counts the samples added per seed; `added_precision` / `added_recall` score them
+against the planted near-duplicates.
 """
 
 
@@ -136,7 +144,22 @@ def finding(dataset: Any, rows: Sequence[Mapping[str, Any]]) -> str:
         if others and math.isfinite(o_mean):
             best, stat = min(others, key=lambda x: abs(x[1][0] - o_mean))
             text += f" Of the other methods at C={format_c(c)}, `{best}` comes closest to the oracle (RI {_num(*stat)})."
+    text += "".join(_expansion_sentence(lookup, c) for c in similars)
     return f"**Finding ({dataset}).** {text}"
+
+
+def _expansion_sentence(lookup: Mapping[tuple[Any, Any], Mapping[str, Any]], c: Any) -> str:
+    """How far the "+similar" rows at C=c move each method's RI towards the oracle's ("" without such rows)."""
+    moves = []
+    for (cc, name), row in lookup.items():
+        if cc != c or not str(name).endswith(SIMILAR_SUFFIX):
+            continue
+        base = name[:-len(SIMILAR_SUFFIX)]
+        moves.append(f"`{base}` {_num(*metric_stat(lookup.get((c, base)), RI))} → {_num(*metric_stat(row, RI))}")
+    if not moves:
+        return ""
+    oracle = _num(*metric_stat(lookup.get((c, "oracle")), RI))
+    return f" With the near-duplicates found added (`{SIMILAR_SUFFIX}`) at C={format_c(c)}, RI goes {', '.join(moves)} (oracle {oracle})."
 
 
 def _values(records: Sequence[Mapping[str, Any]], key: str) -> list[Any]:
@@ -184,8 +207,10 @@ def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str,
     plot_residual_influence(summary, out / RI_PNG)
     plot_accuracies(summary, out / ACCURACY_PNG)
     datasets = list(dict.fromkeys(r["dataset"] for r in summary))
+    expanded = any(str(r["method"]).endswith(SIMILAR_SUFFIX) for r in summary)
     parts = [
         "# Unlearning with near-duplicates: study report", "", INTRO.format(min_gap=DEFAULT_RI_MIN_GAP),
+        *([SIMILAR_INTRO.format(suffix=SIMILAR_SUFFIX)] if expanded else []),
         "## Setup", "", *_setup(records), "",
         "## Findings", "", *(line for d in datasets for line in (finding(d, summary), "")),
         "## Figures", "",

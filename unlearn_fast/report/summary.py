@@ -21,7 +21,8 @@ DEFAULT_METRIC_ORDER = (
     "target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence",
     "mia_auc", "residual_influence",
 )
-TRAILING_METRICS = ("seconds", "ri_targets_used")
+# The "+similar" rows' near-duplicate search counts sit with the bookkeeping.
+TRAILING_METRICS = ("added", "added_precision", "added_recall", "seconds", "ri_targets_used")
 
 
 def _is_number(value: Any) -> bool:
