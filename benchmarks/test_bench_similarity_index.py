@@ -33,7 +33,7 @@ QUERIES = 1000
 THRESHOLD = 0.9
 LOWER_THRESHOLD = 0.8  # recall only: IVF needs more lists as the threshold drops
 NUMPY_CHUNK = 256
-ROUNDS = 3
+ROUNDS = 7
 EXACT_GROUP = f"exact range search N={EXACT_N} d={D} Q={QUERIES}"
 ANN_GROUP = f"ANN range search N={ANN_N} d={D} Q={QUERIES}"
 
@@ -72,9 +72,12 @@ def gflops(benchmark, n: int) -> float:
 def sgemm_gflops() -> float:
     a = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
     a @ a  # warm-up: thread pool start
-    start = time.perf_counter()
-    a @ a
-    return 2 * 4096**3 / (time.perf_counter() - start) / 1e9
+    times = []
+    for _ in range(5):  # the median, like the entries it is compared with: one timing is noise here
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return 2 * 4096**3 / float(np.median(times)) / 1e9
 
 
 @pytest.fixture(scope="module")
