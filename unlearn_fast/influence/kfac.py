@@ -48,7 +48,7 @@ Which gradients (``curvature``):
 - ``"fisher"``: the empirical output gradients (true labels): the blocks estimate C_fisher.
 - ``"ggn"``: per-sample gradients g_i = J_iᵀ u_i of random output cotangents u_i = L_i ε_i, with
   L_i L_iᵀ = H_i and ε_i Rademacher (E[εεᵀ] = I), so that E[g gᵀ] = J_iᵀ H_i J_i, the GGN (for these
-  losses equal to the true Fisher); one backward per draw, as the curvature-propagation estimator of
+  losses equal to the true Fisher; :mod:`.cotangents`); one backward per draw, as the curvature-propagation estimator of
   Martens, Sutskever & Swersky (2012):
   cross_entropy: H_i = diag(p) − p pᵀ = L Lᵀ with L = diag(√p) − p √pᵀ (as Σ_c p_c = 1);
   mse (Σ_o (z_o − y_o)²): H_i = 2 I, L = √2 I.
@@ -70,7 +70,6 @@ EKFAC. M + (λ+δ) I must be invertible: λ + δ > 0 is required (the factors ar
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,6 +79,7 @@ from tqdm.auto import tqdm
 
 from ..modes import eval_mode
 from ..validation import check_choice, check_positive_int
+from .cotangents import cotangent_loss, dot_outputs, output_cotangents
 from .curvature import CurvatureOperator, VectorForm
 from .layers import MAX_INTERMEDIATE, EmbeddingRule, LinearRule, Rule
 from .per_sample import fallback_grads, capture
@@ -175,29 +175,6 @@ class KroneckerCurvature:
 
 
 # -- building the factors ------------------------------------------------------------------------
-def _output_cotangents(op: CurvatureOperator, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """u = L_i ε_i per sample, with L_i L_iᵀ = H_i and Rademacher ε_i (see the module doc) → z's shape."""
-    z = z.detach()
-    eps = (torch.randint(0, 2, z.shape, generator=gen, device=z.device) * 2 - 1).to(z.dtype)
-    if op.loss == "cross_entropy":
-        if z.dim() != 2:
-            raise ValueError(f"cross_entropy needs model outputs [B, classes], got {tuple(z.shape)}")
-        p = torch.softmax(z.double() if z.dtype == torch.float64 else z.float(), dim=-1)
-        root = p.sqrt()
-        u = root * eps - p * (root * eps).sum(dim=-1, keepdim=True)  # (diag(√p) − p √pᵀ) ε
-        return u.to(z.dtype)
-    return math.sqrt(2.0) * eps  # mse: H = 2 I
-
-
-def _cotangent_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Per-sample uᵀ z(θ) for batch = (inputs, u): its gradient is J_iᵀ u_i (u is fixed data)."""
-    return _dot_outputs(model(batch[0]), batch[1])
-
-
-def _dot_outputs(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return (z * u).reshape(z.shape[0], -1).sum(dim=1)
-
-
 def augment_bias(a: torch.Tensor, has_weight: bool, has_bias: bool) -> torch.Tensor:
     """A [B, T, d_in] → [B, T, d_in'] with the constant bias column (only that column without a weight)."""
     ones = torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device)
@@ -315,11 +292,11 @@ def fit_kronecker(op: CurvatureOperator, *, eigen_correct: bool = False, curvatu
                 def sampled(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
                     # u is drawn from this very forward's outputs: no second forward to draw it
                     z = model(batch[0])
-                    drawn.append(_output_cotangents(op, z, gen))
-                    return _dot_outputs(z, drawn[0])
+                    drawn.append(output_cotangents(op.loss, z, gen))
+                    return dot_outputs(z, drawn[0])
 
                 cap = capture(op.model, sampled, (x, y), op.params)
-            yield (x, drawn[0]), _cotangent_loss, cap
+            yield (x, drawn[0]), cotangent_loss, cap
 
     # pass 1: Ā, Ḡ and the diagonal blocks
     for batch, batch_loss, cap in batches(f"{'ekfac' if eigen_correct else 'kfac'} factors"):
