@@ -1,16 +1,21 @@
 """How :data:`~unlearn_fast.similarity.find.DEFAULT_THRESHOLDS` were calibrated, and the tools for it.
 
-``python -m unlearn_fast.similarity.calibration`` reruns the calibration on digits-blockmask and
-prints one line per (method, data kind, training): the threshold chosen on seeds 0–2 and the
-precision / recall on those seeds and on the held-out seeds 3 and 4. The figures recorded next to
+``python -m unlearn_fast.similarity.calibration`` reruns the calibration, of the text entries on
+:mod:`unlearn_fast.data.text_near_duplicates` (judged as TEXT_TRUTH says) and of the image entries
+on digits-blockmask, and prints one line per (method, data kind, training): the threshold chosen on
+seeds 0–2 and the precision / recall on those seeds and on the held-out seeds 3 and 4. The figures recorded next to
 ``DEFAULT_THRESHOLDS`` come from this run.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..data.text_near_duplicates import TextNearDuplicates
+    from .find import Found
 
 
 def precision_recall(found: dict[Hashable, Sequence[tuple[Hashable, float]]],
@@ -81,15 +86,42 @@ def _scored_pairs(method: str, data: Any, model: Any) -> tuple[np.ndarray, np.nd
     # scores those with Jaccard ≥ FLOOR (true pairs below it count as missed through n_true).
     floor = MINHASH_FLOOR if method == "minhash" else -1.0
     found = find_similar(data, data.forget_ids, method=method, model=model, threshold=floor, device="cpu", progress=False)
+    return _score_arrays(found, {q: data.similar[q] for q in data.forget_ids})
+
+
+def _score_arrays(found: Found, truth: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """best_threshold's input from found pairs: their scores, whether each is in ``truth``, how many truth holds."""
+    pairs = {(q, j) for q in truth for j in truth[q]}
     scores = np.array([s for matches in found.values() for _, s in matches])
-    truth = {(q, j) for q in data.forget_ids for j in data.similar[q]}
-    is_true = np.array([(q, j) in truth for q, matches in found.items() for j, _ in matches])
-    return scores, is_true, len(truth)
+    return scores, np.array([(q, j) in pairs for q, matches in found.items() for j, _ in matches]), len(pairs)
+
+
+def _choose(parts: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> float:
+    """The F1-best threshold over ``parts`` (scored pairs of several runs) pooled, rounded to 4 decimals:
+    the value written into DEFAULT_THRESHOLDS, so that the recorded figures are its own."""
+    threshold, _, _ = best_threshold(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                                     sum(p[2] for p in parts))
+    return round(threshold, 4)
+
+
+def _per_seed_figures(search: Callable[[int], tuple[Found, dict[int, list[int]]]]) -> dict[str, tuple[float, float]]:
+    """(precision, recall) on CAL_SEEDS pooled and on each of TEST_SEEDS; ``search(seed)`` gives
+    (found, truth) of one seed's data at the chosen threshold."""
+    record = {}
+    for name, seeds in (("seeds 0-2", CAL_SEEDS), *((f"seed {s}", (s,)) for s in TEST_SEEDS)):
+        found: dict[Hashable, list[tuple[Hashable, float]]] = {}
+        truth: dict[Hashable, list[Hashable]] = {}
+        for seed in seeds:  # ids of different seeds must not mix: key them by (seed, id)
+            hits, similar = search(seed)
+            found.update({(seed, q): [((seed, j), x) for j, x in m] for q, m in hits.items()})
+            truth.update({(seed, q): [(seed, j) for j in similar[q]] for q in hits})
+        record[name] = precision_recall(found, truth)
+    return record
 
 
 def calibrate(targets: int = 50, copies: int = 10) -> list[dict[str, Any]]:
-    """Rerun the calibration: per variant, the threshold chosen on CAL_SEEDS (every training of the
-    variant pooled) and one record per training with precision/recall on CAL_SEEDS and TEST_SEEDS."""
+    """Rerun the image calibration: per variant, the threshold chosen on CAL_SEEDS (every training of
+    the variant pooled) and one record per training with precision/recall on CAL_SEEDS and TEST_SEEDS."""
     from ..data import load_dataset
     from .find import find_similar
 
@@ -100,30 +132,59 @@ def calibrate(targets: int = 50, copies: int = 10) -> list[dict[str, Any]]:
     models.update({(seed, None): None for seed in datasets})
     records = []
     for method, kind, trainings in VARIANTS:
-        parts = {training: [_scored_pairs(method, datasets[seed], models[(seed, training)]) for seed in CAL_SEEDS]
-                 for training in trainings}
-        pooled = [p for training in trainings for p in parts[training]]
-        threshold, _, _ = best_threshold(np.concatenate([p[0] for p in pooled]), np.concatenate([p[1] for p in pooled]),
-                                         sum(p[2] for p in pooled))
-        threshold = round(threshold, 4)  # the value written into DEFAULT_THRESHOLDS, so the figures are its own
+        parts = [_scored_pairs(method, datasets[seed], models[(seed, training)]) for training in trainings for seed in CAL_SEEDS]
+        threshold = _choose(parts)
         for training in trainings:
-            record = {"method": method, "kind": kind, "training": training, "threshold": threshold}
-            for name, seeds in (("seeds 0-2", CAL_SEEDS), *((f"seed {s}", (s,)) for s in TEST_SEEDS)):
-                found = {}
-                truth: dict[int, list[int]] = {}
-                for seed in seeds:  # ids of different seeds must not mix: key them by (seed, id)
-                    data = datasets[seed]
-                    hits = find_similar(data, data.forget_ids, method=method, model=models[(seed, training)],
-                                        threshold=threshold, device="cpu", progress=False)
-                    found.update({(seed, q): [((seed, j), x) for j, x in m] for q, m in hits.items()})
-                    truth.update({(seed, q): [(seed, j) for j in data.similar[q]] for q in data.forget_ids})
-                record[name] = precision_recall(found, truth)
-            records.append(record)
+            def search(seed: int, training: Any = training, method: str = method,
+                       threshold: float = threshold) -> tuple[Found, dict[int, list[int]]]:
+                data = datasets[seed]
+                return find_similar(data, data.forget_ids, method=method, model=models[(seed, training)],
+                                    threshold=threshold, device="cpu", progress=False), data.similar
+            records.append({"method": method, "kind": kind, "training": training, "threshold": threshold,
+                            **_per_seed_figures(search)})
+    return records
+
+
+# -- the text calibration -------------------------------------------------------------------------
+# Which planted near-duplicates of unlearn_fast.data.text_near_duplicates each text method is judged
+# on. MinHash over character 5-grams is for near-copies: it is judged on the edited copies, and the
+# target's paraphrases are left out of its figures (neither required nor counted as false: they are
+# true near-duplicates, just not the kind it is meant to see; they score Jaccard 0.11-0.42). MiniLM
+# is for paraphrases too: it is judged on both kinds.
+TEXT_TRUTH = {"minhash": ("edited",), "embedding": ("edited", "paraphrased")}
+
+
+def judged_text_search(data: TextNearDuplicates, method: str, threshold: float | None = None) -> tuple[Found, dict[int, list[int]]]:
+    """(found, truth) of ``find_similar(data.texts, data.targets, method=method)`` (default threshold
+    if None) as TEXT_TRUTH judges ``method``: truth holds the kinds it is judged on, and the planted
+    near-duplicates of the other kinds are dropped from found."""
+    from .find import find_similar
+
+    kinds = {"edited": data.edited, "paraphrased": data.paraphrased}
+    truth = {t: [j for kind in TEXT_TRUTH[method] for j in kinds[kind][t]] for t in data.targets}
+    found = find_similar(data.texts, data.targets, method=method, threshold=threshold, device="cpu", progress=False)
+    ignored = {t: set(data.similar[t]) - set(truth[t]) for t in data.targets}
+    return {q: [(j, x) for j, x in m if j not in ignored[q]] for q, m in found.items()}, truth
+
+
+def calibrate_text() -> list[dict[str, Any]]:
+    """Calibrate ("minhash", "text") and ("embedding", "text") on text_near_duplicates' defaults:
+    per method, the threshold chosen on CAL_SEEDS and its precision/recall on CAL_SEEDS and TEST_SEEDS."""
+    from ..data.text_near_duplicates import build_text_near_duplicates
+
+    datasets = {seed: build_text_near_duplicates(seed=seed) for seed in CAL_SEEDS + TEST_SEEDS}
+    records = []
+    for method in TEXT_TRUTH:
+        # As for images: MiniLM scores every pair (threshold −1), MinHash-LSH those with Jaccard ≥ FLOOR.
+        floor = MINHASH_FLOOR if method == "minhash" else -1.0
+        threshold = _choose([_score_arrays(*judged_text_search(datasets[seed], method, floor)) for seed in CAL_SEEDS])
+        records.append({"method": method, "kind": "text", "training": None, "threshold": threshold,
+                        **_per_seed_figures(lambda seed, m=method, x=threshold: judged_text_search(datasets[seed], m, x))})
     return records
 
 
 def main() -> None:
-    for r in calibrate():
+    for r in calibrate_text() + calibrate():
         label = f"{r['method']}/{r['kind']}" + (f" ({r['training']})" if r["training"] else "")
         cells = [f"{p:.3f} / {q:.3f}" for p, q in (r["seeds 0-2"], *(r[f"seed {s}"] for s in TEST_SEEDS))]
         print(f"#   {label:<24}{r['threshold']:>8.4f}   " + "  ".join(cells))
