@@ -16,18 +16,23 @@ import torch
 from torch import nn
 
 
-def output_cotangents(loss: str, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """u = L_i ε_i per sample, with L_i L_iᵀ = H_i and Rademacher ε_i (see the module doc) → z's shape."""
+def hessian_root_times(loss: str, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """L_i ε_i per sample, with L_i L_iᵀ = H_i the output Hessian of ``loss`` at outputs z (detached);
+    ε has z's shape. ε = e_c gives column c of L, ε Rademacher an unbiased sample of H (module doc)."""
     z = z.detach()
-    eps = (torch.randint(0, 2, z.shape, generator=gen, device=z.device) * 2 - 1).to(z.dtype)
     if loss == "cross_entropy":
         if z.dim() != 2:
             raise ValueError(f"cross_entropy needs model outputs [B, classes], got {tuple(z.shape)}")
         p = torch.softmax(z.double() if z.dtype == torch.float64 else z.float(), dim=-1)
-        root = p.sqrt()
-        u = root * eps - p * (root * eps).sum(dim=-1, keepdim=True)  # (diag(√p) − p √pᵀ) ε
-        return u.to(z.dtype)
-    return math.sqrt(2.0) * eps  # mse: H = 2 I
+        root, e = p.sqrt(), eps.to(p.dtype)
+        return (root * e - p * (root * e).sum(dim=-1, keepdim=True)).to(z.dtype)  # (diag(√p) − p √pᵀ) ε
+    return math.sqrt(2.0) * eps.to(z.dtype)  # mse: H = 2 I
+
+
+def output_cotangents(loss: str, z: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """u = L_i ε_i per sample with Rademacher ε_i (see the module doc) → z's shape."""
+    eps = torch.randint(0, 2, z.shape, generator=gen, device=z.device) * 2 - 1
+    return hessian_root_times(loss, z, eps)
 
 
 def cotangent_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -40,4 +45,4 @@ def dot_outputs(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (z * u).reshape(z.shape[0], -1).sum(dim=1)
 
 
-__all__ = ["cotangent_loss", "dot_outputs", "output_cotangents"]
+__all__ = ["cotangent_loss", "dot_outputs", "hessian_root_times", "output_cotangents"]

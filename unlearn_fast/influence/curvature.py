@@ -287,7 +287,8 @@ class CurvatureOperator:
         key = (x.data_ptr(), x.shape[0])
         factors = self._factor_cache.get(key)
         if factors is None:
-            factors = capture_factors(self.model, self.loss, (x, y), self.params)
+            with torch.enable_grad():  # capture backpropagates even when the caller runs under no_grad
+                factors = capture_factors(self.model, self.loss, (x, y), self.params)
             if self._cached_bytes + factors.nbytes() <= CACHE_BYTES:
                 self._factor_cache[key] = factors
                 self._cached_bytes += factors.nbytes()

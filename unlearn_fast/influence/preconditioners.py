@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from ..losses import Loss
 from ..modes import eval_mode
 from ..validation import check_positive_int
+from .cotangents import dot_outputs, hessian_root_times
 from .curvature import CurvatureOperator
 from .kfac import augment_bias, projected_squares, rule_squares
 from .layers import LinearRule
@@ -97,9 +98,12 @@ def _mean_squares(op: CurvatureOperator, losses: list[Loss], desc: str, progress
     squares = {n: torch.zeros_like(p, dtype=op.dtype, device=op.device) for n, p in op.params.items()}
     steps = [(s, loss) for s in range(0, op.n, op.batch_size) for loss in losses]
     for s, loss in tqdm(steps, desc=desc, disable=not progress, leave=False):
-        with torch.enable_grad():  # capture backpropagates even when the caller runs under no_grad
-            factors = capture_factors(op.model, loss, (op.inputs[s:s + op.batch_size], op.labels[s:s + op.batch_size]),
-                                      op.params)
+        if loss is op.loss and op.kind == "fisher":  # the operator's own factors: cached for the products that follow
+            factors = op.batch_factors(s)
+        else:
+            with torch.enable_grad():  # capture backpropagates even when the caller runs under no_grad
+                factors = capture_factors(op.model, loss, (op.inputs[s:s + op.batch_size],
+                                                           op.labels[s:s + op.batch_size]), op.params)
         for layer in factors.captured.layers:
             for name, sq in _layer_squares(layer).items():
                 squares[name] += sq
@@ -130,21 +134,14 @@ def _output_count(op: CurvatureOperator) -> int:
 
 
 def _hessian_column_loss(name: str, c: int) -> Loss:
-    """The per-sample loss ⟨u_c, z⟩ (u_c detached) whose output gradient is u_c, column c of H^½:
-    cross_entropy: H = diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ, u_c = √p_c (e_c − p);
-    mse (squared error summed over outputs): H = 2 I, u_c = √2 e_c."""
+    """The per-sample loss ⟨u_c, z⟩ (u_c detached) whose output gradient is u_c = L e_c, column c of the
+    root L Lᵀ = H of :func:`.cotangents.hessian_root_times` (cross_entropy: √p_c (e_c − p); mse: √2 e_c),
+    so that H = Σ_c u_c u_cᵀ."""
     def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         z = model(batch[0])
-        if name == "cross_entropy" and z.dim() != 2:
-            raise ValueError(f"cross_entropy needs model outputs [B, classes], got {tuple(z.shape)}")
-        z = z.reshape(z.shape[0], -1)
-        unit = (torch.arange(z.shape[1], device=z.device) == c).to(z.dtype)
-        if name == "cross_entropy":
-            p = torch.softmax(z.detach(), dim=-1)
-            u = p[:, c:c + 1].sqrt() * (unit - p)
-        else:
-            u = (2.0 ** 0.5) * unit.expand_as(z)
-        return (u * z).sum(1)
+        flat = z.reshape(z.shape[0], -1)
+        unit = (torch.arange(flat.shape[1], device=z.device) == c).to(z.dtype).expand_as(flat).reshape(z.shape)
+        return dot_outputs(z, hessian_root_times(name, z, unit))
 
     return loss
 
