@@ -82,7 +82,7 @@ from ..validation import check_choice, check_positive_int
 from .cotangents import cotangent_loss, dot_outputs, output_cotangents
 from .curvature import CurvatureOperator, VectorForm
 from .layers import MAX_INTERMEDIATE, EmbeddingRule, LinearRule, Rule
-from .per_sample import fallback_grads, capture
+from .per_sample import Factors, capture, capture_factors, fallback_grads
 from .vectors import Vector, as_dict
 
 ESTIMATES = ("ggn", "fisher")
@@ -274,33 +274,38 @@ def fit_kronecker(op: CurvatureOperator, *, eigen_correct: bool = False, curvatu
     slots: dict[str, _Slot] = {}
     diagonal = {n: torch.zeros_like(p, dtype=dtype) for n, p in op.params.items()}
 
-    def batches(desc: str):
+    def batches(desc: str, with_fallback: bool):
+        """Each batch's Factors; the fallback gradients only when ``with_fallback`` (pass 1 needs them)."""
         gen.manual_seed(seed)  # both passes see the same draws
         for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            if curvature == "fisher" and op.kind == "fisher":  # the operator's own factors, cached for its products
+                yield op.batch_factors(s)
+                continue
             if draws == 1:
                 x, y = op.inputs[s:s + op.batch_size], op.labels[s:s + op.batch_size]
             else:
                 index = torch.arange(s, min(s + op.batch_size, total), device=op.device) % op.n
                 x, y = op.inputs[index], op.labels[index]
+            if curvature == "fisher":
+                yield capture_factors(op.model, op.loss, (x, y), op.params)
+                continue
+            drawn: list[torch.Tensor] = []
+
+            def sampled(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                # u is drawn from this very forward's outputs: no second forward to draw it
+                z = model(batch[0])
+                drawn.append(output_cotangents(op.loss, z, gen))
+                return dot_outputs(z, drawn[0])
+
             with torch.enable_grad(), eval_mode(op.model):
-                if curvature == "fisher":
-                    cap = capture(op.model, op.loss, (x, y), op.params)
-                    yield (x, y), op.loss, cap
-                    continue
-                drawn: list[torch.Tensor] = []
-
-                def sampled(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-                    # u is drawn from this very forward's outputs: no second forward to draw it
-                    z = model(batch[0])
-                    drawn.append(output_cotangents(op.loss, z, gen))
-                    return dot_outputs(z, drawn[0])
-
                 cap = capture(op.model, sampled, (x, y), op.params)
-            yield (x, drawn[0]), cotangent_loss, cap
+                fallback = (fallback_grads(op.model, cotangent_loss, (x, drawn[0]), cap.fallback)
+                            if with_fallback and cap.fallback else {})
+            yield Factors(cap, fallback, x.shape[0])
 
     # pass 1: Ā, Ḡ and the diagonal blocks
-    for batch, batch_loss, cap in batches(f"{'ekfac' if eigen_correct else 'kfac'} factors"):
-        for layer in cap.layers:
+    for factors in batches(f"{'ekfac' if eigen_correct else 'kfac'} factors", with_fallback=True):
+        for layer in factors.captured.layers:
             a = layer.a.to(dtype) if layer.a.is_floating_point() else layer.a  # Embedding: ids stay integer
             g = layer.g.to(dtype)
             if isinstance(layer.rule, LinearRule):
@@ -313,10 +318,8 @@ def fit_kronecker(op: CurvatureOperator, *, eigen_correct: bool = False, curvatu
             else:
                 for local, sq in rule_squares(layer.rule, layer.module, a, g).items():
                     diagonal[layer.names[local]] += sq
-        if cap.fallback:
-            with eval_mode(op.model):
-                for name, grads in fallback_grads(op.model, batch_loss, batch, cap.fallback).items():
-                    diagonal[name] += grads.to(dtype).pow(2).sum(0)
+        for name, grads in factors.fallback.items():
+            diagonal[name] += grads.to(dtype).pow(2).sum(0)
 
     blocks: list[KroneckerBlock] = []
     for slot in slots.values():
@@ -335,8 +338,8 @@ def fit_kronecker(op: CurvatureOperator, *, eigen_correct: bool = False, curvatu
 
     if eigen_correct and blocks:  # pass 2: s = (1/N) Σ_i (Q_Gᵀ g_i Q_A)²
         by_name = {block.module_name: block for block in blocks}
-        for _, _, cap in batches("ekfac eigenvalues"):
-            for layer in cap.layers:
+        for factors in batches("ekfac eigenvalues", with_fallback=False):
+            for layer in factors.captured.layers:
                 if layer.module_name not in by_name:
                     continue
                 block, slot = by_name[layer.module_name], slots[layer.module_name]
