@@ -77,7 +77,7 @@ def seq_setup(batch_size: int = 8, k: int = 4):
     return model, (x, y), _vectors(model, k)
 
 
-SETUPS = {MLP_GROUP: mlp_setup, SEQ_GROUP: seq_setup}
+SETUP_FNS = {MLP_GROUP: mlp_setup, SEQ_GROUP: seq_setup}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def _status_kib(field: str) -> int:
 def _peak_rss_main(group: str, path: str) -> None:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, harmless
     torch.set_num_threads(2)
-    model, batch, vectors = SETUPS[group]()
+    model, batch, vectors = SETUP_FNS[group]()
     _run_path(path, model, (batch[0][:1], batch[1][:1]), vectors)  # warm-up: lazy inits, thread pools
     with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
         f.write("5")

@@ -20,9 +20,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from . import atomic_io
-from .context import CONTEXT_ATTRIBUTE, attach, get_context
+from .context import CONTEXT_ATTRIBUTE, attach
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors under model/ and initial/ prefixes, tensors_sha256 in the JSON
 SUFFIXES = (".safetensors", ".json")
 
 
@@ -95,8 +95,7 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module | None = None
     if data is not None:
         if meta.get("loss") in (None, "callable"):
             raise ValueError("the checkpoint's loss was a callable (or none was recorded); call unlearn_fast.attach instead of passing data")
-        attach(model, data, meta["loss"], weight_decay=meta["weight_decay"] or 0.0,
-               removed_ids=meta.get("removed_ids") or None, recipe=meta.get("recipe"))
         initial = {k.removeprefix("initial/"): v for k, v in tensors.items() if k.startswith("initial/")}
-        get_context(model).initial_state = initial or None
+        attach(model, data, meta["loss"], weight_decay=meta["weight_decay"] or 0.0,
+               removed_ids=meta.get("removed_ids") or None, recipe=meta.get("recipe"), initial_state=initial or None)
     return model.eval()
