@@ -161,15 +161,7 @@ def grad_norms(model: nn.Module, loss: Loss, batch: Batch, layers: list[str] | N
     params = trainable(model, layers)
     if batch[0].shape[0] == 0:
         return torch.zeros(0, dtype=next(iter(params.values())).dtype)
-    with eval_mode(model):
-        cap = capture(model, loss, batch, params)
-        total = torch.zeros(batch[0].shape[0], dtype=cap.losses.dtype, device=cap.losses.device)
-        for layer in cap.layers:
-            total += _check_finite(layer.rule.sq_norms(layer.module, layer.a, layer.g), "gradient norm", f"layer {layer.module_name!r}")
-        if cap.fallback:
-            for name, g in fallback_grads(model, loss, batch, cap.fallback).items():
-                total += _check_finite(_rows(g).pow(2).sum(1), "gradient norm", f"parameter {name!r}")
-    return total.sqrt()
+    return factors_sq_norms(capture_factors(model, loss, batch, params)).sqrt()
 
 
 @dataclass
@@ -192,6 +184,17 @@ def capture_factors(model: nn.Module, loss: Loss, batch: Batch, params: dict[str
         cap = capture(model, loss, batch, params)
         fallback = fallback_grads(model, loss, batch, cap.fallback) if cap.fallback else {}
     return Factors(cap, fallback, batch[0].shape[0])
+
+
+def factors_sq_norms(factors: Factors) -> torch.Tensor:
+    """‖g_i‖² [B] from a batch's cached factors (ghost forms per layer, materialised fallback rows)."""
+    cap = factors.captured
+    total = torch.zeros(factors.batch_size, dtype=cap.losses.dtype, device=cap.losses.device)
+    for layer in cap.layers:
+        total += _check_finite(layer.rule.sq_norms(layer.module, layer.a, layer.g), "gradient norm", f"layer {layer.module_name!r}")
+    for name, g in factors.fallback.items():
+        total += _check_finite(_rows(g).pow(2).sum(1), "gradient norm", f"parameter {name!r}")
+    return total
 
 
 def factors_dots(factors: Factors, vectors: dict[str, torch.Tensor]) -> torch.Tensor:

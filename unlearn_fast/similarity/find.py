@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..context import resolve_context, split_data
 from ..data.similar_dataset import as_tensors
-from ..influence.per_sample import capture_factors, factors_gram, grad_norms
+from ..influence.per_sample import capture_factors, factors_gram, factors_sq_norms
 from ..influence.vectors import trainable
 from ..validation import check_bool, check_choice, check_ids, check_number, check_positive_int, resolve_device
 from .embeddings import _resolve_layer, input_features, model_features, on_device
@@ -248,11 +248,12 @@ def _gradient_pairs(model: nn.Module, loss: Any, inputs: torch.Tensor, labels: t
         # The queries' factors are captured once and reused against every chunk of the data (what
         # grad_gram(targets, chunk) would recompute per chunk).
         q_factors = capture_factors(model, loss, targets, params)
-        q_norms = grad_norms(model, loss, targets, layers)
+        q_norms = factors_sq_norms(q_factors).sqrt()
         for start in tqdm(range(0, len(inputs), batch_size), desc="gradient similarity", disable=not progress, leave=False):
             chunk = (inputs[start:start + batch_size].to(device), labels[start:start + batch_size].to(device))
-            gram = factors_gram(q_factors, capture_factors(model, loss, chunk, params))  # [Q, B]
-            norms = grad_norms(model, loss, chunk, layers)
+            c_factors = capture_factors(model, loss, chunk, params)  # one forward/backward per chunk
+            gram = factors_gram(q_factors, c_factors)  # [Q, B]
+            norms = factors_sq_norms(c_factors).sqrt()
             # A zero gradient (a sample fitted exactly) has no direction: its cosine is taken as 0.
             cosine = gram / (q_norms[:, None] * norms[None, :]).clamp_min(torch.finfo(gram.dtype).tiny)
             rows, cols = torch.nonzero(cosine >= threshold, as_tuple=True)
