@@ -25,7 +25,7 @@ from . import atomic_io
 from .data import DATASETS, default_recipe, load_dataset
 from .evaluate import DEFAULT_METRICS, METRICS, Evaluation, compute_metrics
 from .methods import METHODS, unlearn
-from .methods.expansion import SIMILAR_SUFFIX, expansion_quality
+from .methods.expansion import SIMILAR_SUFFIX, expansion_quality, similar_base
 from .models import build_model
 from .data.similar_dataset import as_tensors
 from .train import fit, make_recipe, train
@@ -46,10 +46,10 @@ def split_method(name: str) -> tuple[str, dict[str, Any]]:
 
     ``"x+similar"`` is method ``x`` with ``similar="auto"``; an unknown ``x`` raises, naming the valid methods.
     """
-    if not name.endswith(SIMILAR_SUFFIX):
+    base = similar_base(name)
+    if base is None:
         METHODS.get(name)  # raises listing the valid names
         return name, {}
-    base = name[:-len(SIMILAR_SUFFIX)]
     if base not in METHODS:
         raise ValueError(f"unknown method {base!r} in {name!r}; valid methods: {', '.join(METHODS.names())}, "
                          f"each also as '<method>{SIMILAR_SUFFIX}'")

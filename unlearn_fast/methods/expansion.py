@@ -27,6 +27,13 @@ SIMILAR_ACTIONS = ("remove", "report")
 AUTO = "auto"
 # In a study's method list (and so in its records), "x+similar" names method x run with similar="auto".
 SIMILAR_SUFFIX = "+similar"
+
+
+def similar_base(name: str) -> str | None:
+    """The method x of a study name "x+similar", or None for a plain method name."""
+    return name[:-len(SIMILAR_SUFFIX)] if name.endswith(SIMILAR_SUFFIX) else None
+
+
 # Methods whose scores come from the trained model (its features or its gradients); "minhash"
 # compares the data alone and takes no model.
 MODEL_METHODS = ("embedding", "gradient")
@@ -136,4 +143,4 @@ def expansion_quality(expansion: SimilarExpansion | None, truth: dict[int, list[
             "added_recall": hits / len(known) if known else math.nan}
 
 
-__all__ = ["SIMILAR_ACTIONS", "SIMILAR_SUFFIX", "SimilarExpansion", "check_similar_options", "expand", "expansion_quality", "forget_request"]
+__all__ = ["SIMILAR_ACTIONS", "SIMILAR_SUFFIX", "SimilarExpansion", "similar_base", "check_similar_options", "expand", "expansion_quality", "forget_request"]

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from ..atomic_io import write_text
 from ..evaluate.evaluation import DEFAULT_RI_MIN_GAP
-from ..methods.expansion import SIMILAR_SUFFIX
+from ..methods.expansion import SIMILAR_SUFFIX, similar_base
 from .plots import plot_accuracies, plot_residual_influence
 from .summary import check_records, format_c, format_table, metric_stat, summarize
 
@@ -152,9 +152,9 @@ def _expansion_sentence(lookup: Mapping[tuple[Any, Any], Mapping[str, Any]], c: 
     """How far the "+similar" rows at C=c move each method's RI towards the oracle's ("" without such rows)."""
     moves = []
     for (cc, name), row in lookup.items():
-        if cc != c or not str(name).endswith(SIMILAR_SUFFIX):
+        base = similar_base(str(name))
+        if cc != c or base is None:
             continue
-        base = name[:-len(SIMILAR_SUFFIX)]
         moves.append(f"`{base}` {_num(*metric_stat(lookup.get((c, base)), RI))} → {_num(*metric_stat(row, RI))}")
     if not moves:
         return ""
@@ -207,7 +207,7 @@ def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str,
     plot_residual_influence(summary, out / RI_PNG)
     plot_accuracies(summary, out / ACCURACY_PNG)
     datasets = list(dict.fromkeys(r["dataset"] for r in summary))
-    expanded = any(str(r["method"]).endswith(SIMILAR_SUFFIX) for r in summary)
+    expanded = any(similar_base(str(r["method"])) is not None for r in summary)
     parts = [
         "# Unlearning with near-duplicates: study report", "", INTRO.format(min_gap=DEFAULT_RI_MIN_GAP),
         *([SIMILAR_INTRO.format(suffix=SIMILAR_SUFFIX)] if expanded else []),
