@@ -18,7 +18,8 @@ Per batch of B samples and K vectors:
 - ggn: Jv by forward mode (``jvp``, vmapped over K) → u = H Jv per sample, analytically → Jᵀu by one
   ``vjp`` (vmapped over K). Two forward passes and one backward pass; no [B, P] tensor.
 - hessian: ∇ℓ with ``create_graph`` then one batched double backward (``is_grads_batched``) for all K.
-- fisher: delegated to :func:`unlearn_fast.influence.per_sample.fisher_vp` (factored per-layer forms).
+- fisher: :func:`unlearn_fast.influence.per_sample.factors_fisher_vp` on each batch's factors, captured
+  once (:meth:`CurvatureOperator.batch_factors`) and reused by every product.
 Only one batch's autograd graph is alive at a time, so memory is bounded by ``batch_size`` × K.
 """
 

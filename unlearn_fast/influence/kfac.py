@@ -100,10 +100,8 @@ class KroneckerBlock:
     a_factor: torch.Tensor           # Ā [d_in', d_in']
     g_factor: torch.Tensor           # Ḡ [d_out, d_out]
     q_a: torch.Tensor                # eigenvectors of Ā (columns)
-    lam_a: torch.Tensor              # eigenvalues of Ā, clamped at 0
-    q_g: torch.Tensor
-    lam_g: torch.Tensor
-    eigenvalues: torch.Tensor        # E [d_out, d_in']: λ_G λ_Aᵀ (K-FAC) or s (EKFAC)
+    q_g: torch.Tensor                # eigenvectors of Ḡ (columns)
+    eigenvalues: torch.Tensor        # E [d_out, d_in']: λ_G λ_Aᵀ (K-FAC, eigenvalues clamped at 0) or s (EKFAC)
 
     @property
     def has_weight(self) -> bool:
@@ -328,8 +326,7 @@ def fit_kronecker(op: CurvatureOperator, *, eigen_correct: bool = False, curvatu
         lam_g, q_g = torch.linalg.eigh(g_factor.double())
         lam_a, lam_g = lam_a.clamp_min(0), lam_g.clamp_min(0)
         blocks.append(KroneckerBlock(slot.module_name, slot.module, slot.rule, slot.names, a_factor, g_factor,
-                                     q_a.to(dtype), lam_a.to(dtype), q_g.to(dtype), lam_g.to(dtype),
-                                     torch.outer(lam_g, lam_a).to(dtype)))
+                                     q_a.to(dtype), q_g.to(dtype), torch.outer(lam_g, lam_a).to(dtype)))
     for block in blocks:
         for name in block.names.values():
             del diagonal[name]
