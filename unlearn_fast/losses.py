@@ -19,7 +19,7 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Loss = Union[str, LossFn]
 
 
-def _upcast(out: torch.Tensor) -> torch.Tensor:
+def upcast_half(out: torch.Tensor) -> torch.Tensor:
     # Losses of half-precision (AMP) outputs are computed in float32; float64 stays float64.
     return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
@@ -30,7 +30,7 @@ def output_loss(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> torc
     ``cross_entropy``: outputs [B, classes], targets int64 [B]. ``mse``: the squared error summed
     over output dimensions (not averaged, unlike F.mse_loss), targets shaped like the outputs.
     """
-    outputs = _upcast(outputs)
+    outputs = upcast_half(outputs)
     if name == "cross_entropy":
         if outputs.dim() != 2:
             raise ValueError(f"cross_entropy needs model outputs [B, classes], got {tuple(outputs.shape)}; use a callable loss")

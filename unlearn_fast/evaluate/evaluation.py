@@ -14,7 +14,7 @@ from torch import nn
 
 from ..data.similar_dataset import SimilarDataset, as_tensors
 from ..context import CONTEXT_ATTRIBUTE
-from ..losses import Loss, check_loss, output_loss, per_sample_loss
+from ..losses import Loss, check_loss, output_loss, per_sample_loss, upcast_half
 from ..modes import eval_mode
 
 SPLITS = ("targets", "similar", "retain", "test")
@@ -36,7 +36,7 @@ class SplitOutputs:
 def _accumulate(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor,
                 losses: list[torch.Tensor], correct: list[torch.Tensor], confidence: list[torch.Tensor]) -> None:
     logits = model(x)
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    logits = upcast_half(logits)
     # A named loss is applied to these logits; a callable loss needs the model itself.
     per_sample = output_loss(loss, logits, y) if isinstance(loss, str) else per_sample_loss(model, loss, (x, y))
     losses.append(per_sample.cpu())
