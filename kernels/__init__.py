@@ -1,18 +1,38 @@
-"""Kernels behind one dispatch point: Triton on CUDA, torch (or C++) on CPU.
+"""Per-layer kernels behind one dispatch point: Triton on CUDA, the factored torch path on CPU.
 
-Installed as ``unlearn_fast.kernels`` (the build maps this top-level folder there). The kernels
-themselves arrive with the fused-kernels issue; the backend choice lives here from the start so
-that every caller asks one place.
+Installed as ``unlearn_fast.kernels`` (the build maps this top-level folder there). Every operation
+works on one layer's cached factors, A [B, T, d_in] (what the weight multiplies) and G [B, T, d_out]
+(the output gradient), so that the per-sample weight gradient is g_i = G_iᵀA_i; an optional mask
+[B, T] (bool, or float weights) multiplies G's positions:
+
+- :func:`linear_dots`          ⟨g_i, V_k⟩ for V [K, d_out, d_in]        → [B, K]
+- :func:`linear_sq_norms`      ‖g_i‖²                                    → [B]
+- :func:`linear_cross_dots`    ⟨g_i, g'_j⟩ between two factor sets, ghost form → [B1, B2]
+- :func:`linear_weighted_sum`  Σ_i c_{i,k} g_i for C [B, K]               → [K, d_out, d_in]
+- :func:`linear_fisher_vp`     Σ_i ⟨g_i, V_k⟩ g_i (dots, then the weighted sum: two passes) → [K, d_out, d_in]
+
+Backend: :func:`select_backend` picks "triton" for CUDA tensors when Triton imports, else "torch";
+``UNLEARN_FAST_BACKEND=triton|torch`` forces one (forced Triton on CPU tensors needs the
+interpreter, TRITON_INTERPRET=1). float64 always takes the torch path. If Triton is missing or a
+kernel fails to compile or launch, the torch path runs instead, with one warning per operation.
+Results are float32 for half inputs (accumulated in float32) and the input dtype otherwise.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from . import torch_path
+from .checks import accumulate_dtype, check_factors, check_vectors, check_weights
+
 BACKENDS = ("triton", "torch")
 BACKEND_ENV = "UNLEARN_FAST_BACKEND"
+_failed: dict[str, str] = {}  # operation → why its Triton kernel could not run
 
 
 def select_backend(device: torch.device | str) -> str:
@@ -29,3 +49,67 @@ def select_backend(device: torch.device | str) -> str:
     except ImportError:
         return "torch"
     return "triton"
+
+
+def _dispatch(op: str, a: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
+    """Run ``op`` on the selected backend; fall back to torch (one warning per op) if Triton fails."""
+    reference: Callable[..., torch.Tensor] = getattr(torch_path, op)
+    if a.dtype == torch.float64 or select_backend(a.device) == "torch" or op in _failed:
+        return reference(*args)
+    try:
+        from . import triton_path
+        return getattr(triton_path, op)(*args)
+    except Exception as error:  # noqa: BLE001  (missing Triton, compile or launch failure: torch takes over)
+        _failed[op] = f"{type(error).__name__}: {error}"
+        warnings.warn(f"unlearn_fast.kernels: the Triton kernel for {op} failed ({_failed[op]}); "
+                      f"using the torch path for it from now on", RuntimeWarning, stacklevel=3)
+        return reference(*args)
+
+
+def linear_dots(a: torch.Tensor, g: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """⟨G_iᵀA_i, V_k⟩ for A [B, T, d_in], G [B, T, d_out], V [K, d_out, d_in] → [B, K]."""
+    check_factors(a, g, mask)
+    check_vectors(a, g, v)
+    if a.shape[0] == 0 or v.shape[0] == 0:
+        return torch.zeros(a.shape[0], v.shape[0], dtype=accumulate_dtype(a.dtype), device=a.device)
+    return _dispatch("linear_dots", a, (a, g, v, mask))
+
+
+def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """‖G_iᵀA_i‖²_F → [B]: the ghost form ⟨A_iA_iᵀ, G_iG_iᵀ⟩ when 2T² < d_in·d_out, else built g_i."""
+    check_factors(a, g, mask)
+    if a.shape[0] == 0:
+        return torch.zeros(0, dtype=accumulate_dtype(a.dtype), device=a.device)
+    return _dispatch("linear_sq_norms", a, (a, g, mask))
+
+
+def linear_cross_dots(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
+                      mask1: torch.Tensor | None = None, mask2: torch.Tensor | None = None) -> torch.Tensor:
+    """⟨G1_iᵀA1_i, G2_jᵀA2_j⟩ = ⟨A1_iA2_jᵀ, G1_iG2_jᵀ⟩ → [B1, B2], tiled so no T×T Gram is stored whole."""
+    check_factors(a1, g1, mask1, names=("A1", "G1"))
+    check_factors(a2, g2, mask2, names=("A2", "G2"))
+    if a1.shape[2] != a2.shape[2] or g1.shape[2] != g2.shape[2] or a1.dtype != a2.dtype or a1.device != a2.device:
+        raise ValueError(f"the two factor sets must share d_in, d_out, dtype and device: A1 {list(a1.shape)} {a1.dtype}, "
+                         f"G1 {list(g1.shape)}, A2 {list(a2.shape)} {a2.dtype}, G2 {list(g2.shape)}")
+    if a1.shape[0] == 0 or a2.shape[0] == 0:
+        return torch.zeros(a1.shape[0], a2.shape[0], dtype=accumulate_dtype(a1.dtype), device=a1.device)
+    return _dispatch("linear_cross_dots", a1, (a1, g1, a2, g2, mask1, mask2))
+
+
+def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i c_{i,k} G_iᵀA_i = (diag(c_k) G)ᵀA for C [B, K] → [K, d_out, d_in]."""
+    check_factors(a, g, mask)
+    check_weights(a, c)
+    if a.shape[0] == 0 or c.shape[1] == 0:
+        return torch.zeros(c.shape[1], g.shape[2], a.shape[2], dtype=accumulate_dtype(a.dtype), device=a.device)
+    return _dispatch("linear_weighted_sum", a, (a, g, c, mask))
+
+
+def linear_fisher_vp(a: torch.Tensor, g: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer's empirical-Fisher product Σ_i ⟨g_i, V_k⟩ g_i → [K, d_out, d_in], in two passes
+    (c = linear_dots, then linear_weighted_sum(c)); a model's product sums c over its layers first."""
+    return linear_weighted_sum(a, g, linear_dots(a, g, v, mask), mask)
+
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "select_backend", "linear_dots", "linear_sq_norms", "linear_cross_dots",
+           "linear_weighted_sum", "linear_fisher_vp"]

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen
+# before the kernels are defined (imported), so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU the kernel tests draw many shapes; autotuning each would cost seconds apiece.
+os.environ.setdefault("UNLEARN_FAST_TRITON_AUTOTUNE", "0")
 
 import unlearn_fast as uf
 from helpers import fit_logistic_to_optimum

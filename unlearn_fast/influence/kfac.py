@@ -81,7 +81,8 @@ from ..modes import eval_mode
 from ..validation import check_choice, check_positive_int
 from .cotangents import cotangent_loss, dot_outputs, output_cotangents
 from .curvature import CurvatureOperator, VectorForm
-from .layers import MAX_INTERMEDIATE, EmbeddingRule, LinearRule, Rule
+from ..kernels.torch_path import MAX_INTERMEDIATE
+from .layers import EmbeddingRule, LinearRule, Rule
 from .per_sample import Factors, capture, capture_factors, fallback_grads
 from .vectors import Vector, as_dict
 

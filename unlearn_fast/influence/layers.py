@@ -13,9 +13,9 @@ A rule provides the per-sample gradient g_i in factored form, and the products b
 - ``cross_dots``:    ⟨g_i, g_j⟩ between two cached sets of samples → [B1, B2]
 - ``per_sample``:    g_i materialised             → [B, *shape] (reference and small layers only)
 
-For Linear-type layers g_i = G_iᵀA_i is never built for the whole batch: ⟨g_i, V⟩ = Σ_t g_{i,t}ᵀ V a_{i,t}
-(or, when T·K > T + K makes it cheaper, g_i built for a bounded chunk of samples), and
-‖g_i‖² = ⟨A_iA_iᵀ, G_iG_iᵀ⟩ (the "ghost" form) when 2T² < d_in·d_out. Sample-to-sample dots
+For Linear-type layers g_i = G_iᵀA_i is never built for the whole batch: the weight's dots, norms,
+weighted sums and ghost-form cross dots go through the kernel dispatch (:mod:`unlearn_fast.kernels`:
+Triton on CUDA, the factored torch path on CPU), which holds the contraction orders. Sample-to-sample dots
 ⟨g_i, g_j⟩ = ⟨A_iA_jᵀ, G_iG_jᵀ⟩ use the ghost form or build g for chunks of samples, whichever
 costs fewer multiply-adds (:func:`_ghost_cheaper`). A layer type not in the table falls back to
 chunked torch.func materialisation (see per_sample.py).
@@ -24,53 +24,13 @@ chunked torch.func materialisation (see per_sample.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Cap on the elements of an intermediate [B, K, T, d] product; larger work is split over K.
-MAX_INTERMEDIATE = 1 << 25
-
-
-def _k_chunks(k: int, per_k: int) -> int:
-    return max(1, min(k, MAX_INTERMEDIATE // max(per_k, 1)))
-
-
-def _linear_weight_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """⟨G_iᵀA_i, W_k⟩ for A [B, T, d_in], G [B, T, d_out], W [K, d_out, d_in] → [B, K].
-
-    Two exact orders, chosen by arithmetic:
-    - factored, Σ_t g_tᵀ W_k a_t: one GEMM [B·T, d] × [d, K·d'] (contracting the smaller of
-      d_in/d_out last), B·T·K·d_in·d_out multiply-adds; best when T = 1 or K = 1;
-    - per-sample gradients G_iᵀA_i built for a chunk of samples at a time, then one GEMM with the
-      K vectors: B·(T + K)·d_in·d_out. Never the whole [B, d_out, d_in] at once.
-    """
-    b, t, d_out = g.shape
-    d_in = a.shape[-1]
-    k = w.shape[0]
-    out = torch.empty(b, k, dtype=g.dtype, device=g.device)
-    if t * k <= t + k:
-        if d_in <= d_out:  # (A Wᵀ) [B·T, K, d_out] · G
-            step = _k_chunks(k, b * t * d_out)
-            for k0 in range(0, k, step):
-                wk = w[k0:k0 + step]
-                av = (a.reshape(b * t, d_in) @ wk.reshape(-1, d_in).T).reshape(b, t, -1, d_out)
-                out[:, k0:k0 + step] = torch.einsum("btko,bto->bk", av, g)
-        else:  # (G W) [B·T, K, d_in] · A
-            step = _k_chunks(k, b * t * d_in)
-            for k0 in range(0, k, step):
-                wk = w[k0:k0 + step]
-                gw = (g.reshape(b * t, d_out) @ wk.transpose(0, 1).reshape(d_out, -1)).reshape(b, t, -1, d_in)
-                out[:, k0:k0 + step] = torch.einsum("btki,bti->bk", gw, a)
-        return out
-    flat_w = w.reshape(k, -1)
-    step = max(1, MAX_INTERMEDIATE // (d_in * d_out))
-    for s in range(0, b, step):
-        per_sample = torch.bmm(g[s:s + step].transpose(1, 2), a[s:s + step])  # [chunk, d_out, d_in]
-        out[s:s + step] = per_sample.reshape(per_sample.shape[0], -1) @ flat_w.T
-    return out
+from .. import kernels
+from ..kernels import torch_path
 
 
 def _ghost_cheaper(b1: int, b2: int, t1: int, t2: int, d_in: int, d_out: int) -> bool:
@@ -82,37 +42,6 @@ def _ghost_cheaper(b1: int, b2: int, t1: int, t2: int, d_in: int, d_out: int) ->
     norms' 2T² < d_in·d_out (which compares the stored sizes).
     """
     return b1 * b2 * t1 * t2 * (d_in + d_out) <= (b1 * t1 + b2 * t2 + b1 * b2) * d_in * d_out
-
-
-def _tiles(b1: int, b2: int, per_pair: int) -> Iterator[tuple[slice, slice]]:
-    """(rows of set 1, rows of set 2) tiles whose [n1, n2, per_pair] intermediates stay within MAX_INTERMEDIATE."""
-    step2 = max(1, min(b2, MAX_INTERMEDIATE // max(per_pair, 1)))
-    step1 = max(1, MAX_INTERMEDIATE // max(per_pair * step2, 1))
-    for s1 in range(0, b1, step1):
-        for s2 in range(0, b2, step2):
-            yield slice(s1, s1 + step1), slice(s2, s2 + step2)
-
-
-def _position_pairs(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
-                    pair: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Σ_{t,s} pair(a_{i,t}, a_{j,s}) (g_{i,t}·g_{j,s}) → [B1, B2] for G1 [B1, T1, d], G2 [B2, T2, d].
-
-    ``pair`` maps rows [n1·T1, ·], [n2·T2, ·] of A to their [n1·T1, n2·T2] pairings (inner products
-    for Linear, id equality for Embedding); tiles bound the pairing matrices (the ghost form).
-    """
-    (b1, t1, d), (b2, t2, _) = g1.shape, g2.shape
-    out = torch.empty(b1, b2, dtype=g1.dtype, device=g1.device)
-    for r1, r2 in _tiles(b1, b2, t1 * t2):
-        x1, x2 = a1[r1], a2[r2]
-        n1, n2 = x1.shape[0], x2.shape[0]
-        gg = g1[r1].reshape(n1 * t1, d) @ g2[r2].reshape(n2 * t2, d).T
-        pairs = pair(x1.reshape(n1 * t1, -1), x2.reshape(n2 * t2, -1))
-        out[r1, r2] = (gg * pairs).reshape(n1, t1, n2, t2).sum((1, 3))
-    return out
-
-
-def _inner(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    return x1 @ x2.T
 
 
 def _same_id(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -151,10 +80,10 @@ class Rule:
         """⟨g_i, g_j⟩ for sample i of the first cached set and j of the second → [B1, B2].
 
         Materialises [n, size] per-sample gradients for chunks of samples (n·size within
-        MAX_INTERMEDIATE on each side), one GEMM per pair of chunks.
+        torch_path.MAX_INTERMEDIATE on each side), one GEMM per pair of chunks.
         """
         size = sum(p.numel() for p in self.params(module).values())
-        step = max(1, MAX_INTERMEDIATE // max(size, 1))
+        step = max(1, torch_path.MAX_INTERMEDIATE // max(size, 1))
         b1, b2 = g1.shape[0], g2.shape[0]
         out = torch.empty(b1, b2, dtype=g1.dtype, device=g1.device)
         for s2 in range(0, b2, step):
@@ -196,37 +125,25 @@ class LinearRule(Rule):
         total = torch.zeros(b, next(iter(v.values())).shape[0], dtype=g.dtype, device=g.device)
         if "weight" in names:
             w = self.to_matrix(module, v["weight"])  # [K, d_out, d_in]
-            total += _linear_weight_dots(a, g, w)
+            total += kernels.linear_dots(a, g, w)
         if "bias" in names:
             total += g.sum(1) @ v["bias"].T
         return total
 
     def sq_norms(self, module, a, g):
         names = self.params(module)
-        b, t, d_out = g.shape
-        d_in = a.shape[-1]
-        out = torch.zeros(b, dtype=g.dtype, device=g.device)
+        out = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
         if "weight" in names:
-            if t == 1:
-                out += g.pow(2).sum((1, 2)) * a.pow(2).sum((1, 2))
-            elif 2 * t * t < d_in * d_out:
-                out += (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-            else:
-                step = max(1, MAX_INTERMEDIATE // (d_in * d_out))
-                for s in range(0, b, step):
-                    out[s:s + step] += torch.einsum("bto,bti->boi", g[s:s + step], a[s:s + step]).pow(2).sum((1, 2))
+            out += kernels.linear_sq_norms(a, g)
         if "bias" in names:
             out += g.sum(1).pow(2).sum(1)
         return out
 
     def weighted_sum(self, module, a, g, c):
         names = self.params(module)
-        b, t, d_out = g.shape
-        k = c.shape[1]
         out = {}
         if "weight" in names:
-            gw = torch.einsum("bk,bto->kobt", c, g).reshape(k, d_out, b * t)  # (diag(c) G)ᵀ
-            out["weight"] = self.from_matrix(module, gw @ a.reshape(b * t, -1))
+            out["weight"] = self.from_matrix(module, kernels.linear_weighted_sum(a, g, c))
         if "bias" in names:
             out["bias"] = torch.einsum("bk,bto->ko", c, g)
         return out
@@ -238,7 +155,7 @@ class LinearRule(Rule):
             return super().cross_dots(module, a1, g1, a2, g2)  # chunks of built g (bias included), then GEMMs
         out = torch.zeros(b1, b2, dtype=g1.dtype, device=g1.device)
         if "weight" in names:  # for T = 1 this is (A1A2ᵀ) ⊙ (G1G2ᵀ)
-            out += _position_pairs(a1, g1, a2, g2, _inner)
+            out += kernels.linear_cross_dots(a1, g1, a2, g2)
         if "bias" in names:
             out += g1.sum(1) @ g2.sum(1).T
         return out
@@ -326,7 +243,7 @@ class EmbeddingRule(Rule):
 
     def cross_dots(self, module, a1, g1, a2, g2):
         # Σ_{t,s} [id_{i,t} = id_{j,s}] g_{i,t}·g_{j,s}: a built g_i would be [num_embeddings, d]
-        return _position_pairs(a1, g1, a2, g2, _same_id)
+        return torch_path.position_pairs(a1, g1, a2, g2, _same_id)
 
 
 class LayerNormRule(Rule):

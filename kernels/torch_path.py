@@ -1,0 +1,145 @@
+"""The factored torch path of every kernel: the CPU backend, and the reference the Triton kernels match.
+
+Per layer, on A [B, T, d_in] and G [B, T, d_out] (the per-sample gradient is g_i = G_iᵀA_i):
+- :func:`linear_dots`:          ⟨g_i, V_k⟩                 → [B, K]
+- :func:`linear_sq_norms`:      ‖g_i‖²                      → [B]
+- :func:`linear_cross_dots`:    ⟨g_i, g'_j⟩ in ghost form   → [B1, B2]
+- :func:`linear_weighted_sum`:  Σ_i c_{i,k} g_i             → [K, d_out, d_in]
+
+A mask [B, T] multiplies G's rows (a masked position contributes nothing). Half inputs are upcast
+and accumulated in float32; other dtypes stay as they are. Intermediates are bounded by
+MAX_INTERMEDIATE elements: the work is split over K, samples or tiles instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .checks import accumulate_dtype
+
+# Cap on the elements of an intermediate [B, K, T, d] product; larger work is split.
+MAX_INTERMEDIATE = 1 << 25
+
+
+def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(accumulate_dtype(t.dtype)) for t in tensors]
+
+
+def masked(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """G with masked positions zeroed (G itself when there is no mask)."""
+    return g if mask is None else g * mask.to(g.dtype).unsqueeze(-1)
+
+
+def _k_chunks(k: int, per_k: int) -> int:
+    return max(1, min(k, MAX_INTERMEDIATE // max(per_k, 1)))
+
+
+def linear_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """⟨G_iᵀA_i, W_k⟩ for A [B, T, d_in], G [B, T, d_out], W [K, d_out, d_in] → [B, K].
+
+    Two exact orders, chosen by arithmetic:
+    - factored, Σ_t g_tᵀ W_k a_t: one GEMM [B·T, d] × [d, K·d'] (contracting the smaller of
+      d_in/d_out last), B·T·K·d_in·d_out multiply-adds; best when T = 1 or K = 1;
+    - per-sample gradients G_iᵀA_i built for a chunk of samples at a time, then one GEMM with the
+      K vectors: B·(T + K)·d_in·d_out. Never the whole [B, d_out, d_in] at once.
+    """
+    a, g = _upcast(a, masked(g, mask))
+    w = w.to(g.dtype)
+    b, t, d_out = g.shape
+    d_in = a.shape[-1]
+    k = w.shape[0]
+    out = torch.empty(b, k, dtype=g.dtype, device=g.device)
+    if t * k <= t + k:
+        if d_in <= d_out:  # (A Wᵀ) [B·T, K, d_out] · G
+            step = _k_chunks(k, b * t * d_out)
+            for k0 in range(0, k, step):
+                wk = w[k0:k0 + step]
+                av = (a.reshape(b * t, d_in) @ wk.reshape(-1, d_in).T).reshape(b, t, -1, d_out)
+                out[:, k0:k0 + step] = torch.einsum("btko,bto->bk", av, g)
+        else:  # (G W) [B·T, K, d_in] · A
+            step = _k_chunks(k, b * t * d_in)
+            for k0 in range(0, k, step):
+                wk = w[k0:k0 + step]
+                gw = (g.reshape(b * t, d_out) @ wk.transpose(0, 1).reshape(d_out, -1)).reshape(b, t, -1, d_in)
+                out[:, k0:k0 + step] = torch.einsum("btki,bti->bk", gw, a)
+        return out
+    flat_w = w.reshape(k, -1)
+    step = max(1, MAX_INTERMEDIATE // (d_in * d_out))
+    for s in range(0, b, step):
+        per_sample = torch.bmm(g[s:s + step].transpose(1, 2), a[s:s + step])  # [chunk, d_out, d_in]
+        out[s:s + step] = per_sample.reshape(per_sample.shape[0], -1) @ flat_w.T
+    return out
+
+
+def ghost_norms_cheaper(t: int, d_in: int, d_out: int) -> bool:
+    """Whether ‖g_i‖² is cheaper as ⟨A_iA_iᵀ, G_iG_iᵀ⟩ than from the built g_i (2T² < d_in·d_out)."""
+    return 2 * t * t < d_in * d_out
+
+
+def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """‖G_iᵀA_i‖²_F for A [B, T, d_in], G [B, T, d_out] → [B].
+
+    T = 1: ‖g‖²·‖a‖². Otherwise the ghost form Σ_{t,s} (a_t·a_s)(g_t·g_s) when 2T² < d_in·d_out,
+    else g_i built for chunks of samples.
+    """
+    a, g = _upcast(a, masked(g, mask))
+    b, t, d_out = g.shape
+    d_in = a.shape[-1]
+    if t == 1:
+        return g.pow(2).sum((1, 2)) * a.pow(2).sum((1, 2))
+    if ghost_norms_cheaper(t, d_in, d_out):
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    out = torch.empty(b, dtype=g.dtype, device=g.device)
+    step = max(1, MAX_INTERMEDIATE // (d_in * d_out))
+    for s in range(0, b, step):
+        out[s:s + step] = torch.bmm(g[s:s + step].transpose(1, 2), a[s:s + step]).pow(2).sum((1, 2))
+    return out
+
+
+def tiles(b1: int, b2: int, per_pair: int) -> Iterator[tuple[slice, slice]]:
+    """(rows of set 1, rows of set 2) tiles whose [n1, n2, per_pair] intermediates stay within MAX_INTERMEDIATE."""
+    step2 = max(1, min(b2, MAX_INTERMEDIATE // max(per_pair, 1)))
+    step1 = max(1, MAX_INTERMEDIATE // max(per_pair * step2, 1))
+    for s1 in range(0, b1, step1):
+        for s2 in range(0, b2, step2):
+            yield slice(s1, s1 + step1), slice(s2, s2 + step2)
+
+
+def position_pairs(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
+                   pair: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Σ_{t,s} pair(a_{i,t}, a_{j,s}) (g_{i,t}·g_{j,s}) → [B1, B2] for G1 [B1, T1, d], G2 [B2, T2, d].
+
+    ``pair`` maps rows [n1·T1, ·], [n2·T2, ·] of A to their [n1·T1, n2·T2] pairings (inner products
+    for Linear, id equality for Embedding); tiles bound the pairing matrices (the ghost form).
+    """
+    (b1, t1, d), (b2, t2, _) = g1.shape, g2.shape
+    out = torch.empty(b1, b2, dtype=g1.dtype, device=g1.device)
+    for r1, r2 in tiles(b1, b2, t1 * t2):
+        x1, x2 = a1[r1], a2[r2]
+        n1, n2 = x1.shape[0], x2.shape[0]
+        gg = g1[r1].reshape(n1 * t1, d) @ g2[r2].reshape(n2 * t2, d).T
+        pairs = pair(x1.reshape(n1 * t1, -1), x2.reshape(n2 * t2, -1))
+        out[r1, r2] = (gg * pairs).reshape(n1, t1, n2, t2).sum((1, 3))
+    return out
+
+
+def inner_products(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    return x1 @ x2.T
+
+
+def linear_cross_dots(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
+                      mask1: torch.Tensor | None = None, mask2: torch.Tensor | None = None) -> torch.Tensor:
+    """⟨G1_iᵀA1_i, G2_jᵀA2_j⟩ in the ghost form ⟨A1_iA2_jᵀ, G1_iG2_jᵀ⟩ → [B1, B2], tiled."""
+    a1, g1, a2, g2 = _upcast(a1, masked(g1, mask1), a2, masked(g2, mask2))
+    return position_pairs(a1, g1, a2, g2, inner_products)
+
+
+def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i c_{i,k} G_iᵀA_i = (diag(c_k) G)ᵀ A for C [B, K] → [K, d_out, d_in]."""
+    a, g = _upcast(a, masked(g, mask))
+    b, t, d_out = g.shape
+    k = c.shape[1]
+    gw = torch.einsum("bk,bto->kobt", c.to(g.dtype), g).reshape(k, d_out, b * t)  # (diag(c) G)ᵀ
+    return gw @ a.reshape(b * t, -1)

@@ -1,0 +1,135 @@
+"""Launchers of the Triton kernels: the same operations and signatures as torch_path.py.
+
+Inputs are float16, bfloat16 or float32 (float64 stays on the torch path, see the dispatch);
+results are float32. V and C are cast to A's dtype for the tensor-core products, so with half
+inputs the vectors are rounded to that dtype too.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import triton_kernels as tk
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 dots use TF32 exactly when torch's own matmuls would (torch.backends.cuda.matmul.allow_tf32).
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+# Tile-loading variants, kept switchable so that one GPU run can time both (see benchmarks/RESULTS.md):
+# trans_load reads every tile in its stored order and transposes it in registers (else through
+# transposed pointers); q_major launches the dots kernel's d_out blocks first.
+LAYOUT = {"trans_load": True, "q_major": True}
+
+
+def _flags(dtype: torch.dtype) -> dict[str, object]:
+    """The constexpr flags: the dot's float32 precision, float32 products for bfloat16 under the
+    interpreter, and the tile-loading variant."""
+    return {"PRECISION": _precision(dtype), "UPCAST": tk.INTERPRET and dtype == torch.bfloat16,
+            "TRANS_LOAD": LAYOUT["trans_load"]}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def linear_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """⟨G_iᵀA_i, W_k⟩ → [B, K] float32: fused A·W_kᵀ tiles reduced against G, per position then per sample."""
+    b, t, d_in = a.shape
+    d_out, k = g.shape[2], w.shape[0]
+    rows = torch.zeros(b * t, k, dtype=torch.float32, device=a.device)
+    if rows.numel() and d_in and d_out:
+        w = w.to(a.dtype)
+        q_major = LAYOUT["q_major"]
+
+        def grid(meta):
+            blocks = (triton.cdiv(b * t, meta["BLOCK_R"]), triton.cdiv(d_out, meta["BLOCK_Q"]))
+            return (blocks[1], k, blocks[0]) if q_major else (blocks[0], k, blocks[1])
+        tk.dots_kernel[grid](a, g, w, rows, b * t, t, d_in, d_out, k,
+                             a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2),
+                             w.stride(0), w.stride(1), w.stride(2), Q_MAJOR=q_major, **_flags(a.dtype))
+    rows = rows.view(b, t, k)
+    if mask is not None:
+        rows = rows * mask.to(torch.float32).unsqueeze(-1)
+    return rows[:, 0] if t == 1 else rows.sum(1)
+
+
+def _ghost(a1, g1, a2, g2, m1, m2, pairs_i, pairs_j, symmetric: bool) -> torch.Tensor:
+    out = torch.zeros(pairs_i.shape[0], dtype=torch.float32, device=a1.device)
+    if out.numel() == 0 or a1.shape[1] == 0 or a2.shape[1] == 0:
+        return out
+    has_mask = m1 is not None
+    m1 = m1 if has_mask else out  # placeholders, never read
+    m2 = m2 if has_mask else out
+    sm1 = (m1.stride(0), m1.stride(1)) if has_mask else (0, 0)
+    sm2 = (m2.stride(0), m2.stride(1)) if has_mask else (0, 0)
+    t1, t2 = a1.shape[1], a2.shape[1]
+    grid = lambda meta: (pairs_i.shape[0], triton.cdiv(t1, meta["BLOCK_T"]), triton.cdiv(t2, meta["BLOCK_S"]))  # noqa: E731
+    tk.ghost_kernel[grid](a1, g1, a2, g2, m1, m2, pairs_i, pairs_j, out, t1, t2, a1.shape[2], g1.shape[2],
+                          *a1.stride(), *g1.stride(), *a2.stride(), *g2.stride(), *sm1, *sm2,
+                          SYMMETRIC=symmetric, HAS_MASK=has_mask, **_flags(a1.dtype))
+    return out
+
+
+def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """‖G_iᵀA_i‖² → [B] float32: T = 1 row norms, else the ghost form or built tiles (2T² vs d_in·d_out)."""
+    from .torch_path import ghost_norms_cheaper
+
+    b, t, d_in = a.shape
+    d_out = g.shape[2]
+    out = torch.zeros(b, dtype=torch.float32, device=a.device)
+    if b == 0 or t == 0 or d_in == 0 or d_out == 0:
+        return out
+    mask_f = None if mask is None else mask.to(torch.float32)
+    if t == 1:
+        m = mask_f if mask_f is not None else out
+        block_d = 16 if tk.INTERPRET else 128
+        tk.row_norms_kernel[(triton.cdiv(b, 32),)](a, g, m, out, b, d_in, d_out, a.stride(0), a.stride(2), g.stride(0),
+                                                    g.stride(2), m.stride(0), HAS_MASK=mask_f is not None,
+                                                    BLOCK_B=32, BLOCK_D=block_d)
+        return out
+    if ghost_norms_cheaper(t, d_in, d_out):
+        index = torch.arange(b, device=a.device, dtype=torch.int32)
+        return _ghost(a, g, a, g, mask_f, mask_f, index, index, symmetric=True)
+    m = mask_f if mask_f is not None else out
+    sm = (m.stride(0), m.stride(1)) if mask_f is not None else (0, 0)
+    grid = lambda meta: (b, triton.cdiv(d_out, meta["BLOCK_Q"]) * triton.cdiv(d_in, meta["BLOCK_P"]))  # noqa: E731
+    tk.built_norms_kernel[grid](a, g, m, out, t, d_in, d_out, *a.stride(), *g.stride(), *sm,
+                                HAS_MASK=mask_f is not None, **_flags(a.dtype))
+    return out
+
+
+def linear_cross_dots(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
+                      mask1: torch.Tensor | None = None, mask2: torch.Tensor | None = None) -> torch.Tensor:
+    """⟨G1_iᵀA1_i, G2_jᵀA2_j⟩ → [B1, B2] float32, ghost form, every pair (i, j)."""
+    b1, b2 = a1.shape[0], a2.shape[0]
+    if (mask1 is None) != (mask2 is None):  # one kernel signature: a missing mask is all ones
+        mask1 = mask1 if mask1 is not None else torch.ones(a1.shape[:2], device=a1.device)
+        mask2 = mask2 if mask2 is not None else torch.ones(a2.shape[:2], device=a2.device)
+    m1 = None if mask1 is None else mask1.to(torch.float32)
+    m2 = None if mask2 is None else mask2.to(torch.float32)
+    pairs_i = torch.arange(b1, device=a1.device, dtype=torch.int32).repeat_interleave(b2)
+    pairs_j = torch.arange(b2, device=a1.device, dtype=torch.int32).repeat(b1)
+    return _ghost(a1, g1, a2.to(a1.dtype), g2.to(a1.dtype), m1, m2, pairs_i, pairs_j, symmetric=False).view(b1, b2)
+
+
+def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i c_{i,k} G_iᵀA_i → [K, d_out, d_in] float32, as (diag(c_k) G)ᵀA with the weights fused into G's tiles."""
+    b, t, d_in = a.shape
+    d_out, k = g.shape[2], c.shape[1]
+    out = torch.zeros(k, d_out, d_in, dtype=torch.float32, device=a.device)
+    if out.numel() == 0 or b * t == 0:
+        return out
+    weights = c.to(torch.float32).unsqueeze(1).expand(b, t, k)
+    if mask is not None:
+        weights = weights * mask.to(torch.float32).unsqueeze(-1)
+    weights = weights.reshape(b * t, k).contiguous()
+    # Split the rows when the output tiles (at 128×128) would leave most multiprocessors idle.
+    tiles = triton.cdiv(d_out, 128) * triton.cdiv(d_in, 128) * k
+    split = max(1, min(triton.cdiv(2 * _multiprocessors(a.device), tiles), triton.cdiv(b * t, 256)))
+    grid = lambda meta: (triton.cdiv(d_out, meta["BLOCK_Q"]) * triton.cdiv(d_in, meta["BLOCK_P"]), k, split)  # noqa: E731
+    tk.weighted_sum_kernel[grid](a, g, weights, out, b * t, t, d_in, d_out, k, split,
+                                 *a.stride(), *g.stride(), **_flags(a.dtype))
+    return out

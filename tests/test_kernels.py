@@ -1,0 +1,218 @@
+"""The Triton kernels against the float64 torch path, and the dispatch in front of them.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set in
+conftest.py before anything imports them), so CI exercises the kernels' own code. With a GPU the
+same tests run them compiled, on CUDA tensors. Tolerances are relative Frobenius errors against a
+float64 evaluation of the same (rounded) inputs: float32 products are exact-order IEEE here
+(TF32 stays off unless torch enables it), half inputs are multiplied exactly and summed in float32,
+and the weighted sum rounds c·g to the input dtype before its product (bfloat16: 2⁻⁸ per element).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import unlearn_fast.kernels as kernels
+from unlearn_fast.influence import fisher_vp, grad_dots, grad_norms
+from unlearn_fast.influence.vectors import trainable
+from unlearn_fast.kernels import torch_path
+
+triton = pytest.importorskip("triton", reason="the Triton kernel tests need the triton package")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here", allow_module_level=True)
+
+from unlearn_fast.kernels import triton_path  # noqa: E402  (after the interpreter choice)
+
+# Compiled, every new shape costs a Triton compile of a few seconds; the interpreter costs milliseconds.
+EXAMPLES = 25 if DEVICE == "cpu" else 10
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+DTYPES = list(TOLERANCE)
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert torch.isfinite(got).all(), "a kernel produced non-finite values from finite inputs"
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+def factors(b, t, d_in, d_out, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(b, t, d_in, generator=gen).to(dtype)
+    g = torch.randn(b, t, d_out, generator=gen).to(dtype)
+    return a.to(DEVICE), g.to(DEVICE)
+
+
+def make_mask(kind, b, t, seed):
+    gen = torch.Generator().manual_seed(seed + 1)
+    if kind == "none":
+        return None
+    mask = torch.rand(b, t, generator=gen) > 0.3
+    return (mask if kind == "bool" else mask * torch.rand(b, t, generator=gen)).to(DEVICE)
+
+
+def ref(op, *args):
+    """The torch path in float64 on the same (already rounded) values."""
+    up = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
+    return getattr(torch_path, op)(*up)
+
+
+shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 40), st.integers(1, 40),
+                   st.integers(1, 3), st.sampled_from(DTYPES), st.sampled_from(["none", "bool", "float"]),
+                   st.integers(0, 2**16))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(shapes)
+def test_dots_norms_and_weighted_sums_match_the_reference(case):
+    b, t, d_in, d_out, k, dtype, mask_kind, seed = case
+    a, g = factors(b, t, d_in, d_out, dtype, seed)
+    mask = make_mask(mask_kind, b, t, seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    v = torch.randn(k, d_out, d_in, generator=gen).to(dtype).to(DEVICE)
+    c = torch.randn(b, k, generator=gen).to(DEVICE)
+    tol = TOLERANCE[dtype]
+    assert rel_error(triton_path.linear_dots(a, g, v, mask), ref("linear_dots", a, g, v, mask)) < tol
+    assert rel_error(triton_path.linear_sq_norms(a, g, mask), ref("linear_sq_norms", a, g, mask)) < tol
+    assert rel_error(triton_path.linear_weighted_sum(a, g, c, mask), ref("linear_weighted_sum", a, g, c, mask)) < tol
+
+
+@settings(max_examples=EXAMPLES * 3 // 5, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 7), st.integers(1, 7), st.integers(1, 24),
+       st.integers(1, 24), st.sampled_from(DTYPES), st.booleans(), st.integers(0, 2**16))
+def test_cross_dots_match_the_reference(b1, b2, t1, t2, d_in, d_out, dtype, masked, seed):
+    a1, g1 = factors(b1, t1, d_in, d_out, dtype, seed)
+    a2, g2 = factors(b2, t2, d_in, d_out, dtype, seed + 7)
+    m1 = make_mask("bool", b1, t1, seed) if masked else None
+    m2 = make_mask("float", b2, t2, seed) if masked else None
+    got = triton_path.linear_cross_dots(a1, g1, a2, g2, m1, m2)
+    assert rel_error(got, ref("linear_cross_dots", a1, g1, a2, g2, m1, m2)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("t, d_in, d_out", [(1, 33, 17), (20, 70, 3), (3, 70, 50), (37, 60, 64), (40, 5, 6)])
+def test_each_norm_branch(t, d_in, d_out):
+    """T = 1 row norms, the ghost form (2T² < d_in·d_out; T = 37 spans several T×T tiles, off-diagonal
+    ones counted twice) and built tiles (2T² ≥ d_in·d_out), odd sizes."""
+    a, g = factors(3, t, d_in, d_out, torch.float32, 0)
+    mask = make_mask("float", 3, t, 0)
+    assert rel_error(triton_path.linear_sq_norms(a, g, mask), ref("linear_sq_norms", a, g, mask)) < 1e-5
+    per_sample = torch.einsum("bto,bti->boi", (g * mask.unsqueeze(-1)).double(), a.double())
+    assert rel_error(triton_path.linear_sq_norms(a, g, mask), per_sample.pow(2).sum((1, 2))) < 1e-5
+
+
+def test_dots_against_materialised_per_sample_gradients():
+    a, g = factors(4, 5, 19, 23, torch.float32, 3)
+    v = torch.randn(3, 23, 19, device=DEVICE)
+    per_sample = torch.einsum("bto,bti->boi", g.double(), a.double())
+    want = per_sample.reshape(4, -1) @ v.double().reshape(3, -1).T
+    assert rel_error(triton_path.linear_dots(a, g, v), want) < 1e-5
+    c = torch.randn(4, 2, device=DEVICE)
+    assert rel_error(triton_path.linear_weighted_sum(a, g, c), torch.einsum("bk,boi->koi", c.double(), per_sample)) < 1e-5
+
+
+def test_non_contiguous_inputs_are_read_where_they_lie():
+    a = torch.randn(19, 6, 3, device=DEVICE).permute(2, 1, 0)  # [3, 6, 19], strides (1, 3, 18)
+    g = torch.randn(3, 12, 11, device=DEVICE)[:, ::2]           # [3, 6, 11], every other position
+    v = torch.randn(2, 19, 22, device=DEVICE)[..., ::2].transpose(1, 2)  # [2, 11, 19] view
+    c = torch.randn(2, 3, device=DEVICE).T
+    assert not (a.is_contiguous() or g.is_contiguous() or v.is_contiguous() or c.is_contiguous())
+    ac, gc, vc = a.contiguous(), g.contiguous(), v.contiguous()
+    for op, args, dense in [("linear_dots", (a, g, v), (ac, gc, vc)), ("linear_sq_norms", (a, g), (ac, gc)),
+                            ("linear_weighted_sum", (a, g, c), (ac, gc, c.contiguous())),
+                            ("linear_cross_dots", (a, g, a, g), (ac, gc, ac, gc))]:
+        assert rel_error(getattr(triton_path, op)(*args), ref(op, *dense)) < 1e-5, op
+
+
+def test_non_finite_inputs_stay_non_finite():
+    a, g = factors(3, 4, 9, 7, torch.float32, 5)
+    g[1, 2, 3] = float("nan")
+    a[2, 0, 0] = float("inf")
+    v = torch.randn(2, 7, 9, device=DEVICE)
+    dots, norms = triton_path.linear_dots(a, g, v), triton_path.linear_sq_norms(a, g)
+    assert torch.isnan(dots[1]).all() and torch.isfinite(dots[0]).all() and not torch.isfinite(dots[2]).all()
+    assert torch.isnan(norms[1]) and torch.isfinite(norms[0]) and not torch.isfinite(norms[2])
+    assert not torch.isfinite(triton_path.linear_weighted_sum(a, g, torch.ones(3, 1, device=DEVICE))).all()
+
+
+def test_dispatch_validates_and_handles_empty_batches():
+    a, g = factors(2, 3, 5, 4, torch.float32, 0)
+    with pytest.raises(ValueError, match=r"A \[2, 3, 5\] and G \[2, 2, 4\] must agree"):
+        kernels.linear_dots(a, g[:, :2], torch.randn(1, 4, 5, device=DEVICE))
+    with pytest.raises(ValueError, match=r"V must be \[K, d_out, d_in\] = \[K, 4, 5\].*got \[1, 5, 4\]"):
+        kernels.linear_dots(a, g, torch.randn(1, 5, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="must have one dtype"):
+        kernels.linear_sq_norms(a, g.double())
+    with pytest.raises(ValueError, match=r"mask must be \[B, T\] = \[2, 3\]"):
+        kernels.linear_sq_norms(a, g, torch.ones(3, 2, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="has dtype torch.int64; valid choices"):
+        kernels.linear_sq_norms(a.long(), g.long())
+    with pytest.raises(ValueError, match=r"C must be \[B, K\] with B = 2"):
+        kernels.linear_weighted_sum(a, g, torch.ones(3, 1, device=DEVICE))
+    with pytest.raises(ValueError, match="must share d_in, d_out"):
+        kernels.linear_cross_dots(a, g, a[..., :4], g)
+    empty_a, empty_g = a[:0], g[:0]
+    assert kernels.linear_dots(empty_a, empty_g, torch.randn(3, 4, 5, device=DEVICE)).shape == (0, 3)
+    assert kernels.linear_sq_norms(empty_a, empty_g).shape == (0,)
+    assert kernels.linear_cross_dots(empty_a, empty_g, a, g).shape == (0, 2)
+    assert kernels.linear_weighted_sum(empty_a, empty_g, torch.ones(0, 2, device=DEVICE)).abs().sum() == 0
+    assert kernels.linear_fisher_vp(empty_a, empty_g, torch.randn(2, 4, 5, device=DEVICE)).shape == (2, 4, 5)
+
+
+def test_forced_backends_agree_and_float64_stays_on_torch(monkeypatch):
+    a, g = factors(3, 4, 12, 9, torch.float32, 1)
+    v = torch.randn(2, 9, 12, device=DEVICE)
+    results = {}
+    for backend in kernels.BACKENDS:
+        monkeypatch.setenv(kernels.BACKEND_ENV, backend)
+        results[backend] = kernels.linear_fisher_vp(a, g, v)
+    assert rel_error(results["triton"], results["torch"]) < 1e-5
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    monkeypatch.setattr(triton_path, "linear_dots", lambda *args: pytest.fail("float64 reached Triton"))
+    kernels.linear_dots(a.double(), g.double(), v.double())
+
+
+def test_a_failing_kernel_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
+    monkeypatch.setattr(kernels, "_failed", {})
+
+    def broken(*args):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(triton_path, "linear_sq_norms", broken)
+    a, g = factors(2, 3, 5, 4, torch.float32, 0)
+    with pytest.warns(RuntimeWarning, match="linear_sq_norms failed .*PTX assembly failed.*torch path"):
+        first = kernels.linear_sq_norms(a, g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = kernels.linear_sq_norms(a, g)
+    assert torch.equal(first, second) and rel_error(first, ref("linear_sq_norms", a, g)) < 1e-6
+
+
+def test_influence_operations_use_the_dispatch(monkeypatch):
+    """grad_dots, grad_norms and the Fisher product of a model give the same numbers on both backends,
+    and the Triton backend is really called for them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(DEVICE)
+    batch = (torch.randn(5, 6, device=DEVICE), torch.randint(0, 3, (5,), device=DEVICE))
+    params = trainable(model)
+    vectors = {n: torch.randn(2, *p.shape, device=DEVICE) for n, p in params.items()}
+    calls = []
+    for name in ("linear_dots", "linear_sq_norms", "linear_weighted_sum"):
+        real = getattr(triton_path, name)
+        monkeypatch.setattr(triton_path, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
+    out = {}
+    for backend in kernels.BACKENDS:
+        monkeypatch.setenv(kernels.BACKEND_ENV, backend)
+        out[backend] = (grad_dots(model, "cross_entropy", batch, vectors), grad_norms(model, "cross_entropy", batch),
+                        fisher_vp(model, "cross_entropy", batch, vectors, params))
+    assert set(calls) == {"linear_dots", "linear_sq_norms", "linear_weighted_sum"}
+    assert rel_error(out["triton"][0], out["torch"][0]) < 1e-5
+    assert rel_error(out["triton"][1], out["torch"][1]) < 1e-5
+    for name in params:
+        assert rel_error(out["triton"][2][name], out["torch"][2][name]) < 1e-5
