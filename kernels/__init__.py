@@ -37,12 +37,13 @@ _failed: dict[str, str] = {}  # operation → why its Triton kernel could not ru
 
 def select_backend(device: torch.device | str) -> str:
     """"triton" for CUDA tensors when Triton imports, else "torch"; ``UNLEARN_FAST_BACKEND`` overrides."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced:
+    forced = os.environ.get(BACKEND_ENV)
+    if forced and forced.strip():
+        forced = forced.strip().lower()
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r} is not valid; valid choices: {', '.join(BACKENDS)}")
         return forced
-    if torch.device(device).type != "cuda":
+    if (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cuda":
         return "torch"
     try:
         import triton  # noqa: F401

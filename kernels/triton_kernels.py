@@ -10,8 +10,8 @@ dot precision the wrapper passes (TF32 only when torch allows TF32 matmuls).
 - ``ghost_kernel``:       out[p] = Σ_{t,s} (a_{i,t}·a'_{j,s})(g_{i,t}·g'_{j,s}) for pairs p = (i, j),
   one (pair, t tile, s tile) per program; the T×T Gram tiles live in registers only. SYMMETRIC
   (norms, i = j) skips the tiles below the diagonal and counts those above it twice.
-- ``built_norms_kernel``: ‖G_iᵀA_i‖² from (d_out, d_in) tiles of the built g_i, for short-T layers
-  where 2T² ≥ d_in·d_out.
+- ``built_kernel``:       (d_out, d_in) tiles of the built g_i in registers, squared (norms, for
+  short-T layers where 2T² ≥ d_in·d_out) or dotted with the K vectors (dots, when T·K > T + K).
 - ``row_norms_kernel``:   T = 1: ‖g_i‖²·‖a_i‖².
 - ``weighted_sum_kernel``: out[k] = Σ_r c[r, k] g_r a_rᵀ = (diag(c_k) G)ᵀA, split over rows when the
   output tiles alone would not fill the GPU.
@@ -156,13 +156,18 @@ _BUILT = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)]
 
 
 @triton.autotune(configs=_configs(_BUILT, ("BLOCK_Q", "BLOCK_P", "BLOCK_T"), (32, 32, 16)),
-                 key=["T", "P", "Q"], reset_to_zero=["out_ptr"])
+                 key=["T", "P", "Q", "K", "DOTS"], reset_to_zero=["out_ptr"])
 @triton.jit
-def built_norms_kernel(a_ptr, g_ptr, m_ptr, out_ptr, T, P, Q,
-                       sab, sat, sap, sgb, sgt, sgq, smb, smt,
-                       HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, TRANS_LOAD: tl.constexpr,
-                       BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
-    """out[i] += ‖(G_iᵀA_i)[q block, p block]‖² (positions weighted by the mask)."""
+def built_kernel(a_ptr, g_ptr, m_ptr, w_ptr, out_ptr, T, P, Q, K,
+                 sab, sat, sap, sgb, sgt, sgq, smb, smt, swk, swq, swp,
+                 DOTS: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 TRANS_LOAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+    """A (d_out, d_in) tile of the built g_i = G_iᵀA_i (positions weighted by the mask), then either
+    out[i] += ‖tile‖² (norms) or, DOTS, out[i, k] += ⟨tile, V_k tile⟩ for every k (out is [B, K]).
+
+    The tile lives in registers only; building it costs T·d_in·d_out per sample once, where the
+    factored dots cost T·K·d_in·d_out (the torch path's order rule picks between the two).
+    """
     i = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     n_p = tl.cdiv(P, BLOCK_P)
@@ -186,7 +191,12 @@ def built_norms_kernel(a_ptr, g_ptr, m_ptr, out_ptr, T, P, Q,
                 gt = (gt.to(tl.float32) * weight[None, :]).to(a_ptr.dtype.element_ty)
         x = tl.load(a_ptr + i * sab + ts[:, None] * sat + ps[None, :] * sap, mask=t_ok[:, None] & p_ok[None, :], other=0.0)
         acc = _dot(gt, x, acc, PRECISION, UPCAST)
-    tl.atomic_add(out_ptr + i, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    if DOTS:
+        for k in range(K):
+            v = tl.load(w_ptr + k * swk + qs[:, None] * swq + ps[None, :] * swp, mask=q_ok[:, None] & p_ok[None, :], other=0.0)
+            tl.atomic_add(out_ptr + i * K + k, tl.sum(tl.sum(acc * v.to(tl.float32), axis=1), axis=0))
+    else:
+        tl.atomic_add(out_ptr + i, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
 @triton.jit

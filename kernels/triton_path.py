@@ -14,21 +14,46 @@ from . import triton_kernels as tk
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # float32 dots use TF32 exactly when torch's own matmuls would (torch.backends.cuda.matmul.allow_tf32).
-    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """float32 dots: TF32 exactly when torch's own matmuls would (torch.backends.cuda.matmul.allow_tf32);
+    otherwise float32 accuracy, from three TF32 products per multiply ("tf32x3", errors near float32's)
+    or plain FMA ("ieee"), per LAYOUT["fp32"]. Half inputs multiply exactly either way."""
+    if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if tk.INTERPRET else LAYOUT["fp32"]
 
 
-# Tile-loading variants, kept switchable so that one GPU run can time both (see benchmarks/RESULTS.md):
-# trans_load reads every tile in its stored order and transposes it in registers (else through
-# transposed pointers); q_major launches the dots kernel's d_out blocks first.
-LAYOUT = {"trans_load": True, "q_major": True}
+# Variants, kept switchable so that one GPU run times each (benchmarks/kernel_variants.py; figures in
+# benchmarks/RESULTS.md): "<kernel>_trans" reads that kernel's transposed operand tile in its stored
+# order and transposes it in registers (else through transposed pointers), per input dtype;
+# "dots_q_major" launches the dots kernel's d_out blocks first; "fp32" is the float32 dot precision
+# when TF32 is off. The defaults are the faster variant measured on an H100 (2026-11-23): the
+# transposed-in-registers tiles won or tied everywhere except the 16-bit weighted sum (1.6× slower).
+_ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LAYOUT: dict[str, object] = {
+    "dots_trans": dict.fromkeys(_ALL_DTYPES, True),
+    "ghost_trans": dict.fromkeys(_ALL_DTYPES, True),
+    "built_trans": dict.fromkeys(_ALL_DTYPES, True),
+    "wsum_trans": {torch.float32: True, torch.bfloat16: False, torch.float16: False},
+    "dots_q_major": True,
+    "fp32": "tf32x3",
+}
 
 
-def _flags(dtype: torch.dtype) -> dict[str, object]:
+def _flags(dtype: torch.dtype, kernel: str) -> dict[str, object]:
     """The constexpr flags: the dot's float32 precision, float32 products for bfloat16 under the
-    interpreter, and the tile-loading variant."""
+    interpreter, and the kernel's tile-loading variant for this dtype."""
     return {"PRECISION": _precision(dtype), "UPCAST": tk.INTERPRET and dtype == torch.bfloat16,
-            "TRANS_LOAD": LAYOUT["trans_load"]}
+            "TRANS_LOAD": LAYOUT[f"{kernel}_trans"][dtype]}
+
+
+def _row_view(x: torch.Tensor) -> tuple[int, tuple[int, int, int]]:
+    """(T, strides) to pass for x [B, T, d]: when (b, t) merge into one row index with one stride, T = 1
+    and the row stride (Triton specialises an argument equal to 1, so the kernel's row // T and
+    row % T then cost nothing); else x's own T and strides."""
+    b, t, _ = x.shape
+    if t == 1 or x.stride(0) == t * x.stride(1):
+        return 1, (x.stride(1) if t > 1 else x.stride(0), 0, x.stride(2))
+    return t, tuple(x.stride())
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -36,20 +61,25 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def linear_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """⟨G_iᵀA_i, W_k⟩ → [B, K] float32: fused A·W_kᵀ tiles reduced against G, per position then per sample."""
+    """⟨G_iᵀA_i, W_k⟩ → [B, K] float32, in the cheaper of two orders (the torch path's rule):
+    fused A·W_kᵀ tiles reduced against G (B·T·K·d_in·d_out), or, when T·K > T + K, built g_i tiles
+    dotted with every V_k in registers (B·T·d_in·d_out + B·K·d_in·d_out)."""
     b, t, d_in = a.shape
     d_out, k = g.shape[2], w.shape[0]
+    if t * k > t + k and d_in and d_out:
+        out = torch.zeros(b, k, dtype=torch.float32, device=a.device)
+        return _built(a, g, None if mask is None else mask.to(torch.float32), w.to(a.dtype), out)
     rows = torch.zeros(b * t, k, dtype=torch.float32, device=a.device)
     if rows.numel() and d_in and d_out:
         w = w.to(a.dtype)
-        q_major = LAYOUT["q_major"]
+        q_major = LAYOUT["dots_q_major"]
 
         def grid(meta):
             blocks = (triton.cdiv(b * t, meta["BLOCK_R"]), triton.cdiv(d_out, meta["BLOCK_Q"]))
             return (blocks[1], k, blocks[0]) if q_major else (blocks[0], k, blocks[1])
         tk.dots_kernel[grid](a, g, w, rows, b * t, t, d_in, d_out, k,
                              a.stride(0), a.stride(1), a.stride(2), g.stride(0), g.stride(1), g.stride(2),
-                             w.stride(0), w.stride(1), w.stride(2), Q_MAJOR=q_major, **_flags(a.dtype))
+                             w.stride(0), w.stride(1), w.stride(2), Q_MAJOR=q_major, **_flags(a.dtype, "dots"))
     rows = rows.view(b, t, k)
     if mask is not None:
         rows = rows * mask.to(torch.float32).unsqueeze(-1)
@@ -69,7 +99,7 @@ def _ghost(a1, g1, a2, g2, m1, m2, pairs_i, pairs_j, symmetric: bool) -> torch.T
     grid = lambda meta: (pairs_i.shape[0], triton.cdiv(t1, meta["BLOCK_T"]), triton.cdiv(t2, meta["BLOCK_S"]))  # noqa: E731
     tk.ghost_kernel[grid](a1, g1, a2, g2, m1, m2, pairs_i, pairs_j, out, t1, t2, a1.shape[2], g1.shape[2],
                           *a1.stride(), *g1.stride(), *a2.stride(), *g2.stride(), *sm1, *sm2,
-                          SYMMETRIC=symmetric, HAS_MASK=has_mask, **_flags(a1.dtype))
+                          SYMMETRIC=symmetric, HAS_MASK=has_mask, **_flags(a1.dtype, "ghost"))
     return out
 
 
@@ -93,11 +123,21 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None 
     if ghost_norms_cheaper(t, d_in, d_out):
         index = torch.arange(b, device=a.device, dtype=torch.int32)
         return _ghost(a, g, a, g, mask_f, mask_f, index, index, symmetric=True)
+    return _built(a, g, mask_f, None, out)
+
+
+def _built(a: torch.Tensor, g: torch.Tensor, mask_f: torch.Tensor | None, w: torch.Tensor | None,
+           out: torch.Tensor) -> torch.Tensor:
+    """Per-sample tiles of the built g_i: squared norms into out [B] (w None) or dots with w into out [B, K]."""
+    b, t, d_in = a.shape
+    d_out = g.shape[2]
     m = mask_f if mask_f is not None else out
     sm = (m.stride(0), m.stride(1)) if mask_f is not None else (0, 0)
+    k, sw = (w.shape[0], w.stride()) if w is not None else (1, (0, 0, 0))
     grid = lambda meta: (b, triton.cdiv(d_out, meta["BLOCK_Q"]) * triton.cdiv(d_in, meta["BLOCK_P"]))  # noqa: E731
-    tk.built_norms_kernel[grid](a, g, m, out, t, d_in, d_out, *a.stride(), *g.stride(), *sm,
-                                HAS_MASK=mask_f is not None, **_flags(a.dtype))
+    tk.built_kernel[grid](a, g, m, w if w is not None else out, out, t, d_in, d_out, k,
+                          *a.stride(), *g.stride(), *sm, *sw, DOTS=w is not None,
+                          HAS_MASK=mask_f is not None, **_flags(a.dtype, "built"))
     return out
 
 
@@ -129,7 +169,10 @@ def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask:
     # Split the rows when the output tiles (at 128×128) would leave most multiprocessors idle.
     tiles = triton.cdiv(d_out, 128) * triton.cdiv(d_in, 128) * k
     split = max(1, min(triton.cdiv(2 * _multiprocessors(a.device), tiles), triton.cdiv(b * t, 256)))
+    (t_a, strides_a), (t_g, strides_g) = _row_view(a), _row_view(g)
+    if t_a != t_g:  # only one of the two merges its rows: index both by (b, t)
+        t_a, strides_a, strides_g = t, tuple(a.stride()), tuple(g.stride())
     grid = lambda meta: (triton.cdiv(d_out, meta["BLOCK_Q"]) * triton.cdiv(d_in, meta["BLOCK_P"]), k, split)  # noqa: E731
-    tk.weighted_sum_kernel[grid](a, g, weights, out, b * t, t, d_in, d_out, k, split,
-                                 *a.stride(), *g.stride(), **_flags(a.dtype))
+    tk.weighted_sum_kernel[grid](a, g, weights, out, b * t, t_a, d_in, d_out, k, split,
+                                 *strides_a, *strides_g, **_flags(a.dtype, "wsum"))
     return out
