@@ -53,3 +53,27 @@ def breast_cancer_logistic():
     torch.manual_seed(0)
     retrained = fit_logistic_to_optimum(torch.nn.Linear(30, 2).double(), x[keep], y[keep])
     return model, torch.utils.data.TensorDataset(x, y), forget, retrained
+
+
+@pytest.fixture(scope="session")
+def quick_task():
+    """The study's ``--quick`` task at seed 0, with its near-duplicates: digits-blockmask at its
+    defaults (50 targets × 10 copies), ``original`` trained with the study's quick recipe, and the
+    oracle (retrained without the targets and their copies). Method tests unlearn ``forget_all``
+    (targets and copies: exactly what the oracle never saw) from ``original`` and compare with both
+    (see helpers.forget_report)."""
+    from types import SimpleNamespace
+
+    from unlearn_fast.data import default_recipe
+    from unlearn_fast.study import QUICK_EPOCH_DIVISOR
+
+    data = uf.load_dataset("digits-blockmask", seed=0)
+    recipe = default_recipe("digits-blockmask")
+    model_name = recipe.pop("model")
+    recipe["epochs"] = max(1, recipe["epochs"] // QUICK_EPOCH_DIVISOR)
+    torch.manual_seed(0)
+    original = uf.train(uf.build_model(model_name, data.input_shape, data.num_classes), data, seed=0, device="cpu",
+                        progress=False, **recipe)
+    oracle = uf.unlearn(original, data.forget_ids, "oracle", device="cpu", progress=False)
+    forget_all = sorted({*data.forget_ids, *data.similar_ids()})
+    return SimpleNamespace(data=data, original=original, oracle=oracle, forget_all=forget_all)

@@ -116,3 +116,18 @@ def gpt2_ids() -> torch.Tensor:
     ids[0, 4:] = 0
     ids[2, 2:] = 0
     return ids
+
+
+def forget_report(task, model: nn.Module) -> dict[str, dict[str, float]]:
+    """Target loss, target accuracy and test accuracy of ``original``, ``oracle`` and ``model`` on the
+    quick task (conftest.quick_task): {"original": {...}, "oracle": {...}, "method": {...}}."""
+    from unlearn_fast.evaluate import Evaluation
+
+    out = {}
+    for name, m in (("original", task.original), ("oracle", task.oracle), ("method", model)):
+        ev = Evaluation(m, task.data, device="cpu")
+        targets, similar = ev.outputs("targets"), ev.outputs("similar")
+        out[name] = {"target_loss": float(targets.loss.mean()), "target_acc": float(targets.correct.mean()),
+                     "similar_loss": float(similar.loss.mean()), "similar_acc": float(similar.correct.mean()),
+                     "test_acc": float(ev.outputs("test").correct.mean())}
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,6 +36,71 @@ def make_recipe(
     }
 
 
+class IndexStream:
+    """Shuffled mini-batches of range(n) [≤ batch_size] on ``device``, a fresh permutation each epoch,
+    drawn from its own seeded generator (CPU runs repeat exactly)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device) -> None:
+        if n == 0:
+            raise ValueError("cannot train on an empty set of samples")
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_per_epoch = (n + batch_size - 1) // batch_size
+        self._order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+
+    def next(self) -> torch.Tensor:
+        if self._cursor >= self._order.numel():
+            self._order = torch.randperm(self.n, generator=self.generator).to(self.device)
+            self._cursor = 0
+        batch = self._order[self._cursor:self._cursor + self.batch_size]
+        self._cursor += self.batch_size
+        return batch
+
+
+def sgd_loop(
+    model: nn.Module,
+    recipe: dict[str, Any],
+    objective: Callable[[], torch.Tensor],
+    steps_per_epoch: int,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    desc: str = "train",
+    after_backward: Callable[[], None] | None = None,
+) -> nn.Module:
+    """Minimise ``objective()`` (a scalar; it draws its own batches) for recipe["epochs"] × steps_per_epoch
+    SGD steps with the recipe's lr, momentum, weight decay and schedule; returns ``model`` in eval mode.
+
+    ``after_backward`` runs between backward and the step (e.g. to mask gradients). Under CUDA with
+    recipe["amp"], the objective runs in bfloat16 autocast. Every training loop of the project, the
+    unlearning methods' included, is this one.
+    """
+    model.to(device).train()
+    epochs = recipe["epochs"]
+    opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch) if recipe["schedule"] == "cosine" else None
+    use_amp = recipe.get("amp", True) and device.type == "cuda"
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
+    for _ in bar:
+        total = torch.zeros((), device=device)
+        for _ in range(steps_per_epoch):
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+            with autocast:
+                value = objective()
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            if after_backward is not None:
+                after_backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            total += value.detach().float()  # stays on the device: no sync per step
+        if progress:
+            bar.set_postfix(objective=f"{float(total) / steps_per_epoch:.4f}")
+    return model.eval()
+
+
 def fit(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -53,34 +119,14 @@ def fit(
     ``sign=-1`` ascends the loss instead (gradient ascent); weight decay still pulls toward 0.
     """
     dev = resolve_device(device)
-    model.to(dev).train()
     x, y = inputs.to(dev), labels.to(dev)
-    n, bs, epochs = x.shape[0], recipe["batch_size"], recipe["epochs"]
-    if n == 0:
-        raise ValueError("cannot train on an empty set of samples")
-    opt = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"])
-    steps_per_epoch = (n + bs - 1) // bs
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch) if recipe["schedule"] == "cosine" else None
-    gen = torch.Generator().manual_seed(recipe["seed"])
-    use_amp = recipe.get("amp", True) and dev.type == "cuda"
-    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
-    for _ in bar:
-        order = torch.randperm(n, generator=gen).to(dev)
-        total = torch.zeros((), device=dev)
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-            with autocast:
-                batch_loss = per_sample_loss(model, loss, (x[idx], y[idx])).mean()
-            opt.zero_grad(set_to_none=True)
-            (sign * batch_loss).backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            total += batch_loss.detach().float() * idx.numel()  # stays on the device: no sync per step
-        if progress:
-            bar.set_postfix(loss=f"{float(total) / n:.4f}")
-    return model.eval()
+    stream = IndexStream(x.shape[0], recipe["batch_size"], recipe["seed"], dev)
+
+    def objective() -> torch.Tensor:
+        idx = stream.next()
+        return sign * per_sample_loss(model, loss, (x[idx], y[idx])).mean()
+
+    return sgd_loop(model, recipe, objective, stream.batches_per_epoch, device=dev, progress=progress, desc=desc)
 
 
 def train(
