@@ -92,14 +92,18 @@ def _run_one_condition(dataset: str, seed: int, copies: int, methods: list[str],
 
     evaluations = {name: Evaluation(m, data, device=device) for name, m in models.items()}
     refs = {name: evaluations[name].outputs("targets").loss for name in REFERENCES}
+    references = {name: evaluations[name] for name in REFERENCES}
     records = []
     for name in methods:
         ev = evaluations[name]
         ev.reference_target_loss = refs
+        ev.references = references
         records.append({
             "dataset": dataset, "method": name, "seed": seed, "similar": copies,
             "targets": len(data.forget_ids), "model": model_name,
-            "seconds": seconds[name], **compute_metrics(ev, metrics),
+            # Wall-clock cost, and as a fraction of retraining without the targets in the same condition.
+            "seconds": seconds[name], "seconds_vs_retrain": seconds[name] / seconds["retrain"],
+            **compute_metrics(ev, metrics),
             # How well the near-duplicate search did, for the "+similar" rows only.
             **expansion_quality(getattr(models[name], "unlearn_fast_similar", None), data.similar),
         })

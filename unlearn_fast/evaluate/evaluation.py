@@ -31,42 +31,47 @@ class SplitOutputs:
     loss: torch.Tensor
     correct: torch.Tensor
     confidence: torch.Tensor  # softmax probability of the true label
+    probabilities: torch.Tensor  # [n, classes] softmax outputs ([n, 0] when the outputs are not class logits)
 
 
-def _accumulate(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor,
-                losses: list[torch.Tensor], correct: list[torch.Tensor], confidence: list[torch.Tensor]) -> None:
+def _accumulate(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, losses: list[torch.Tensor],
+                correct: list[torch.Tensor], confidence: list[torch.Tensor], probabilities: list[torch.Tensor]) -> None:
     logits = model(x)
     logits = upcast_half(logits)
     # A named loss is applied to these logits; a callable loss needs the model itself.
     per_sample = output_loss(loss, logits, y) if isinstance(loss, str) else per_sample_loss(model, loss, (x, y))
     losses.append(per_sample.cpu())
     if y.dim() == 1 and not y.is_floating_point() and logits.dim() == 2:
+        probs = torch.softmax(logits.float(), dim=1)
         correct.append((logits.argmax(dim=1) == y).float().cpu())
-        confidence.append(torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1).cpu())
+        confidence.append(probs.gather(1, y[:, None]).squeeze(1).cpu())
+        probabilities.append(probs.cpu())
     else:
         correct.append(torch.full((x.shape[0],), float("nan")))
         confidence.append(torch.full((x.shape[0],), float("nan")))
+        probabilities.append(torch.zeros(x.shape[0], 0))
 
 
 @torch.no_grad()
 def split_outputs(model: nn.Module, loss: Loss, inputs: torch.Tensor, labels: torch.Tensor,
                   device: torch.device, batch_size: int = 1024) -> SplitOutputs:
-    """Per-sample loss, correctness and true-label confidence on (inputs [n, ...], labels [n, ...]).
+    """Per-sample loss, correctness, true-label confidence and softmax outputs on (inputs [n, ...], labels [n, ...]).
 
-    Correctness and confidence need class labels (int64 [n]) and logits [n, classes]; for other
-    targets (e.g. regression with ``mse``) they are NaN.
+    Correctness, confidence and probabilities need class labels (int64 [n]) and logits [n, classes];
+    for other targets (e.g. regression with ``mse``) the first two are NaN and probabilities [n, 0].
     """
     losses: list[torch.Tensor] = []
     correct: list[torch.Tensor] = []
     confidence: list[torch.Tensor] = []
+    probabilities: list[torch.Tensor] = []
     with eval_mode(model):
         for start in range(0, inputs.shape[0], batch_size):
             _accumulate(model, loss, inputs[start:start + batch_size].to(device), labels[start:start + batch_size].to(device),
-                        losses, correct, confidence)
+                        losses, correct, confidence, probabilities)
     if not losses:
         empty = torch.zeros(0)
-        return SplitOutputs(empty, empty, empty)
-    return SplitOutputs(torch.cat(losses), torch.cat(correct), torch.cat(confidence))
+        return SplitOutputs(empty, empty, empty, torch.zeros(0, 0))
+    return SplitOutputs(torch.cat(losses), torch.cat(correct), torch.cat(confidence), torch.cat(probabilities))
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Evaluation:
             ``dataset.forget_ids``); residual influence needs both.
         ri_min_gap: targets whose |ℓ_oracle − ℓ_original| is below this are left out of the residual
             influence mean (see :func:`unlearn_fast.evaluate.metrics.residual_influence`).
+        references: evaluations of the reference models on the same dataset, by name (``"original"``,
+            ``"oracle"``); the distance-to-oracle metrics (:mod:`.distance`) compare with them.
     """
 
     model: nn.Module
@@ -88,6 +95,7 @@ class Evaluation:
     device: torch.device | str | None = None
     reference_target_loss: dict[str, torch.Tensor] = field(default_factory=dict)
     ri_min_gap: float = DEFAULT_RI_MIN_GAP
+    references: dict[str, "Evaluation"] = field(default_factory=dict)
     _cache: dict[str, SplitOutputs] = field(default_factory=dict, repr=False)
     _train_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
@@ -104,6 +112,13 @@ class Evaluation:
             first = next(self.model.parameters(), None)
             self.device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(self.device)
+
+    def reference(self, name: str, metric: str) -> "Evaluation":
+        """The reference evaluation ``name``; a clear error when the caller did not give it."""
+        if name not in self.references:
+            raise ValueError(f"{metric} needs the {name!r} reference; give Evaluation(references={{{name!r}: Evaluation(...)}}) "
+                             f"(given: {sorted(self.references) or 'none'})")
+        return self.references[name]
 
     def split_ids(self, split: str) -> list[int]:
         ds = self.dataset

@@ -22,7 +22,7 @@ DEFAULT_METRIC_ORDER = (
     "mia_auc", "residual_influence",
 )
 # The "+similar" rows' near-duplicate search counts sit with the bookkeeping.
-TRAILING_METRICS = ("added", "added_precision", "added_recall", "seconds", "ri_targets_used")
+TRAILING_METRICS = ("added", "added_precision", "added_recall", "seconds", "seconds_vs_retrain", "ri_targets_used")
 
 
 def _is_number(value: Any) -> bool:
