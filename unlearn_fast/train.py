@@ -112,11 +112,13 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     sign: float = 1.0,
+    after_backward: Callable[[], None] | None = None,
 ) -> nn.Module:
     """Run ``recipe`` on (inputs [N, ...], labels [N]) and return ``model`` (trained in place).
 
     Deterministic on CPU for a given ``recipe["seed"]``: the shuffling uses its own generator.
     ``sign=-1`` ascends the loss instead (gradient ascent); weight decay still pulls toward 0.
+    ``after_backward`` runs between each backward and step (see :func:`sgd_loop`).
     """
     dev = resolve_device(device)
     x, y = inputs.to(dev), labels.to(dev)
@@ -126,7 +128,8 @@ def fit(
         idx = stream.next()
         return sign * per_sample_loss(model, loss, (x[idx], y[idx])).mean()
 
-    return sgd_loop(model, recipe, objective, stream.batches_per_epoch, device=dev, progress=progress, desc=desc)
+    return sgd_loop(model, recipe, objective, stream.batches_per_epoch, device=dev, progress=progress, desc=desc,
+                    after_backward=after_backward)
 
 
 def train(

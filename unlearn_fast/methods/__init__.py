@@ -11,6 +11,7 @@ from ..context import resolve_context
 from ..validation import resolve_device
 from . import finetune as _finetune  # noqa: F401  (registers finetune, gradient_ascent)
 from . import retrain as _retrain  # noqa: F401  (registers retrain, oracle)
+from . import relabel as _relabel  # noqa: F401  (registers random_label, salun, boundary_shrink)
 from .expansion import SIMILAR_ACTIONS, SimilarExpansion, forget_request
 from .registry import METHODS, UnlearnTask
 
