@@ -12,6 +12,8 @@ from ..validation import resolve_device
 from . import finetune as _finetune  # noqa: F401  (registers finetune, gradient_ascent)
 from . import retrain as _retrain  # noqa: F401  (registers retrain, oracle)
 from . import relabel as _relabel  # noqa: F401  (registers random_label, salun, boundary_shrink)
+from . import regularised as _regularised  # noqa: F401  (registers graddiff, l1_sparse)
+from . import dampening as _dampening  # noqa: F401  (registers fisher_forgetting, ssd)
 from .expansion import SIMILAR_ACTIONS, SimilarExpansion, forget_request
 from .registry import METHODS, UnlearnTask
 
