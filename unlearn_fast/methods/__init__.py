@@ -14,6 +14,7 @@ from . import retrain as _retrain  # noqa: F401  (registers retrain, oracle)
 from . import relabel as _relabel  # noqa: F401  (registers random_label, salun, boundary_shrink)
 from . import regularised as _regularised  # noqa: F401  (registers graddiff, l1_sparse)
 from . import dampening as _dampening  # noqa: F401  (registers fisher_forgetting, ssd)
+from . import distill as _distill  # noqa: F401  (registers bad_teacher, scrub)
 from .expansion import SIMILAR_ACTIONS, SimilarExpansion, forget_request
 from .registry import METHODS, UnlearnTask
 
