@@ -8,7 +8,7 @@ import math
 import pytest
 
 from unlearn_fast import cli
-from unlearn_fast.study import run_study
+from unlearn_fast.study import DEFAULT_METHODS, run_study
 
 REQUIRED_METRICS = {"target_acc", "similar_acc", "retain_acc", "test_acc", "mia_auc", "residual_influence"}
 
@@ -25,8 +25,9 @@ def quick_study(tmp_path_factory):
 def test_quick_study_writes_the_schema(quick_study):
     records = json.loads((quick_study / "results.json").read_text())
     assert {(r["method"], r["similar"]) for r in records} >= {(m, c) for m in ("original", "retrain", "oracle") for c in (10, 0)}
-    # seeds × conditions × (original, retrain, oracle, finetune, gradient_ascent, influence, retrain+similar, influence+similar)
-    assert len(records) == 2 * 2 * 8
+    # seeds × conditions × (original, oracle and every default method)
+    assert len(records) == 2 * 2 * (2 + len(DEFAULT_METHODS))
+    assert {r["method"] for r in records} == {"original", "oracle", *DEFAULT_METHODS}
     for r in records:
         assert {"dataset", "method", "seed", "similar"} <= set(r) and REQUIRED_METRICS <= set(r)
         assert r["dataset"] == "digits-blockmask" and r["seed"] in (0, 1)

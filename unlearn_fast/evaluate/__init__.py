@@ -11,7 +11,8 @@ from . import distance as _distance  # noqa: F401,E402  (registers the distance-
 
 DEFAULT_METRICS = (
     "target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence",
-    "mia_auc", "residual_influence", "residual_influence_median", "ri_targets_used",
+    "mia_auc", "residual_influence", "residual_influence_median", "kl_to_oracle_targets", "js_to_oracle_similar",
+    "weight_distance_to_oracle", "ri_targets_used",
 )
 
 
