@@ -180,7 +180,7 @@ def make_path(case: Case, path: str, a: torch.Tensor, g: torch.Tensor, v: torch.
         rows = case.b * case.t
         a2, v2 = a.reshape(rows, case.d_in), v.reshape(-1, case.d_in)
         if op == "grad_dots":
-            if case.t * case.k > case.t + case.k:  # the order the kernels take here: build g_i, then dot
+            if torch_path.built_dots_cheaper(case.t, case.k):  # the order the kernels take here: build g_i, then dot
                 return lambda: torch.bmm(g.transpose(1, 2), a).reshape(case.b, -1) @ v.reshape(case.k, -1).T
             return lambda: a2 @ v2.T  # [B·T, d_in] @ [d_in, K·d_out]
         # fisher_vp: the dots GEMM, then per k (diag(c_k)G)ᵀA, [d_out, B·T] @ [B·T, d_in]; c scaled in beforehand

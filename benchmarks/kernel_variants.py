@@ -37,7 +37,7 @@ for dtype in (torch.bfloat16, torch.float32):
         a = torch.randn(b, t, din, device=dev, dtype=dtype); g = torch.randn(b, t, dout, device=dev, dtype=dtype)
         v = torch.randn(k, dout, din, device=dev, dtype=dtype); c = torch.randn(b, k, device=dev)
         a2 = a.reshape(b*t, din); v2 = v.reshape(k*dout, din); gt = g.reshape(b*t, dout).T.contiguous()
-        if t * k > t + k:  # the built order: bmm for every G_iᵀA_i, then one GEMM with the K vectors
+        if tp.built_dots_cheaper(t, k):  # the built order: bmm for every G_iᵀA_i, then one GEMM with the K vectors
             gemm_dots = ms(lambda: torch.bmm(g.transpose(1, 2), a).reshape(b, -1) @ v.reshape(k, -1).T)
         else:
             gemm_dots = ms(lambda: a2 @ v2.T)

@@ -32,7 +32,7 @@ from .checks import accumulate_dtype, check_factors, check_vectors, check_weight
 
 BACKENDS = ("triton", "torch")
 BACKEND_ENV = "UNLEARN_FAST_BACKEND"
-_failed: dict[str, str] = {}  # operation → why its Triton kernel could not run
+_failed: dict[tuple[str, torch.dtype], str] = {}  # (operation, dtype) → why its Triton kernel could not run
 
 
 def select_backend(device: torch.device | str) -> str:
@@ -55,14 +55,19 @@ def select_backend(device: torch.device | str) -> str:
 def _dispatch(op: str, a: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
     """Run ``op`` on the selected backend; fall back to torch (one warning per op) if Triton fails."""
     reference: Callable[..., torch.Tensor] = getattr(torch_path, op)
-    if a.dtype == torch.float64 or select_backend(a.device) == "torch" or op in _failed:
+    key = (op, a.dtype)
+    # The Triton kernels build no autograd graph: inputs that need gradients take the torch path.
+    needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in args)
+    if a.dtype == torch.float64 or needs_grad or select_backend(a.device) == "torch" or key in _failed:
         return reference(*args)
     try:
         from . import triton_path
         return getattr(triton_path, op)(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise  # not a kernel failure: the torch path would need more memory still
     except Exception as error:  # noqa: BLE001  (missing Triton, compile or launch failure: torch takes over)
-        _failed[op] = f"{type(error).__name__}: {error}"
-        warnings.warn(f"unlearn_fast.kernels: the Triton kernel for {op} failed ({_failed[op]}); "
+        _failed[key] = f"{type(error).__name__}: {error}"
+        warnings.warn(f"unlearn_fast.kernels: the Triton kernel for {op} ({a.dtype}) failed ({_failed[key]}); "
                       f"using the torch path for it from now on", RuntimeWarning, stacklevel=3)
         return reference(*args)
 

@@ -7,8 +7,10 @@ Per layer, on A [B, T, d_in] and G [B, T, d_out] (the per-sample gradient is g_i
 - :func:`linear_weighted_sum`:  Σ_i c_{i,k} g_i             → [K, d_out, d_in]
 
 A mask [B, T] multiplies G's rows (a masked position contributes nothing). Half inputs are upcast
-and accumulated in float32; other dtypes stay as they are. Intermediates are bounded by
-MAX_INTERMEDIATE elements: the work is split over K, samples or tiles instead.
+and accumulated in float32; other dtypes stay as they are. The dots' [B·T, K, d] products, built
+per-sample gradients and cross-dot tiles are bounded by MAX_INTERMEDIATE elements (split over K,
+samples or tiles); the weighted sum's (diag(c)G)ᵀ [K, d_out, B·T] and the ghost norms' [B, T, T]
+Grams are not.
 """
 
 from __future__ import annotations
@@ -40,18 +42,20 @@ def linear_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, mask: torch.T
     """⟨G_iᵀA_i, W_k⟩ for A [B, T, d_in], G [B, T, d_out], W [K, d_out, d_in] → [B, K].
 
     Two exact orders, chosen by arithmetic:
-    - factored, Σ_t g_tᵀ W_k a_t: one GEMM [B·T, d] × [d, K·d'] (contracting the smaller of
-      d_in/d_out last), B·T·K·d_in·d_out multiply-adds; best when T = 1 or K = 1;
+    - factored, Σ_t g_tᵀ W_k a_t: one GEMM [B·T, d] × [d, K·d'] whose [B·T, K, d'] product is then
+      reduced against the other factor (d' = d_out when d_in ≤ d_out), B·T·K·d_in·d_out
+      multiply-adds; best when T = 1 or K = 1;
     - per-sample gradients G_iᵀA_i built for a chunk of samples at a time, then one GEMM with the
       K vectors: B·(T + K)·d_in·d_out. Never the whole [B, d_out, d_in] at once.
     """
-    a, g = _upcast(a, masked(g, mask))
+    a, g = _upcast(a, g)
+    g = masked(g, mask)
     w = w.to(g.dtype)
     b, t, d_out = g.shape
     d_in = a.shape[-1]
     k = w.shape[0]
     out = torch.empty(b, k, dtype=g.dtype, device=g.device)
-    if t * k <= t + k:
+    if not built_dots_cheaper(t, k):
         if d_in <= d_out:  # (A Wᵀ) [B·T, K, d_out] · G
             step = _k_chunks(k, b * t * d_out)
             for k0 in range(0, k, step):
@@ -73,6 +77,12 @@ def linear_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, mask: torch.T
     return out
 
 
+def built_dots_cheaper(t: int, k: int) -> bool:
+    """Whether ⟨g_i, V_k⟩ is cheaper from g_i built per sample (T + K multiply-adds per weight entry)
+    than in the factored order Σ_t g_tᵀ V_k a_t (T·K)."""
+    return t * k > t + k
+
+
 def ghost_norms_cheaper(t: int, d_in: int, d_out: int) -> bool:
     """Whether ‖g_i‖² is cheaper as ⟨A_iA_iᵀ, G_iG_iᵀ⟩ than from the built g_i (2T² < d_in·d_out)."""
     return 2 * t * t < d_in * d_out
@@ -84,7 +94,8 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None 
     T = 1: ‖g‖²·‖a‖². Otherwise the ghost form Σ_{t,s} (a_t·a_s)(g_t·g_s) when 2T² < d_in·d_out,
     else g_i built for chunks of samples.
     """
-    a, g = _upcast(a, masked(g, mask))
+    a, g = _upcast(a, g)
+    g = masked(g, mask)
     b, t, d_out = g.shape
     d_in = a.shape[-1]
     if t == 1:
@@ -132,13 +143,15 @@ def inner_products(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
 def linear_cross_dots(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
                       mask1: torch.Tensor | None = None, mask2: torch.Tensor | None = None) -> torch.Tensor:
     """⟨G1_iᵀA1_i, G2_jᵀA2_j⟩ in the ghost form ⟨A1_iA2_jᵀ, G1_iG2_jᵀ⟩ → [B1, B2], tiled."""
-    a1, g1, a2, g2 = _upcast(a1, masked(g1, mask1), a2, masked(g2, mask2))
+    a1, g1, a2, g2 = _upcast(a1, g1, a2, g2)
+    g1, g2 = masked(g1, mask1), masked(g2, mask2)
     return position_pairs(a1, g1, a2, g2, inner_products)
 
 
 def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_i c_{i,k} G_iᵀA_i = (diag(c_k) G)ᵀ A for C [B, K] → [K, d_out, d_in]."""
-    a, g = _upcast(a, masked(g, mask))
+    a, g = _upcast(a, g)
+    g = masked(g, mask)
     b, t, d_out = g.shape
     k = c.shape[1]
     gw = torch.einsum("bk,bto->kobt", c.to(g.dtype), g).reshape(k, d_out, b * t)  # (diag(c) G)ᵀ

@@ -192,8 +192,10 @@ def built_kernel(a_ptr, g_ptr, m_ptr, w_ptr, out_ptr, T, P, Q, K,
         x = tl.load(a_ptr + i * sab + ts[:, None] * sat + ps[None, :] * sap, mask=t_ok[:, None] & p_ok[None, :], other=0.0)
         acc = _dot(gt, x, acc, PRECISION, UPCAST)
     if DOTS:
+        v_ptr = w_ptr  # advanced by a pointer step per k: a k·stride product could overflow int32
         for k in range(K):
-            v = tl.load(w_ptr + k * swk + qs[:, None] * swq + ps[None, :] * swp, mask=q_ok[:, None] & p_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + qs[:, None] * swq + ps[None, :] * swp, mask=q_ok[:, None] & p_ok[None, :], other=0.0)
+            v_ptr += swk
             tl.atomic_add(out_ptr + i * K + k, tl.sum(tl.sum(acc * v.to(tl.float32), axis=1), axis=0))
     else:
         tl.atomic_add(out_ptr + i, tl.sum(tl.sum(acc * acc, axis=1), axis=0))

@@ -11,6 +11,7 @@ import torch
 import triton
 
 from . import triton_kernels as tk
+from .torch_path import built_dots_cheaper, ghost_norms_cheaper, linear_cross_dots as _torch_cross_dots
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -26,8 +27,11 @@ def _precision(dtype: torch.dtype) -> str:
 # benchmarks/RESULTS.md): "<kernel>_trans" reads that kernel's transposed operand tile in its stored
 # order and transposes it in registers (else through transposed pointers), per input dtype;
 # "dots_q_major" launches the dots kernel's d_out blocks first; "fp32" is the float32 dot precision
-# when TF32 is off. The defaults are the faster variant measured on an H100 (2026-11-23): the
-# transposed-in-registers tiles won or tied everywhere except the 16-bit weighted sum (1.6× slower).
+# when TF32 is off. The defaults follow one H100 run (2026-11-23, benchmarks/RESULTS.md run B): the
+# "new" bundle (stored-order tiles, d_out-first dots, tf32x3) won or tied except for the 16-bit weighted
+# sum (1.6× slower, so it keeps transposed-pointer tiles) and fp32 built-order dots (1.16× slower,
+# kept so that float32 has one precision). The autotune key does not include these flags, so each
+# variant ran with the configs tuned for the first one timed: a bias that run B did not remove.
 _ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUT: dict[str, object] = {
     "dots_trans": dict.fromkeys(_ALL_DTYPES, True),
@@ -66,9 +70,9 @@ def linear_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, mask: torch.T
     dotted with every V_k in registers (B·T·d_in·d_out + B·K·d_in·d_out)."""
     b, t, d_in = a.shape
     d_out, k = g.shape[2], w.shape[0]
-    if t * k > t + k and d_in and d_out:
-        out = torch.zeros(b, k, dtype=torch.float32, device=a.device)
-        return _built(a, g, None if mask is None else mask.to(torch.float32), w.to(a.dtype), out)
+    if built_dots_cheaper(t, k) and d_in and d_out:
+        out = torch.zeros(b, k, dtype=torch.float32, device=a.device)  # V is read in float32: no rounding
+        return _built(a, g, None if mask is None else mask.to(torch.float32), w, out)
     rows = torch.zeros(b * t, k, dtype=torch.float32, device=a.device)
     if rows.numel() and d_in and d_out:
         w = w.to(a.dtype)
@@ -105,8 +109,6 @@ def _ghost(a1, g1, a2, g2, m1, m2, pairs_i, pairs_j, symmetric: bool) -> torch.T
 
 def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """‖G_iᵀA_i‖² → [B] float32: T = 1 row norms, else the ghost form or built tiles (2T² vs d_in·d_out)."""
-    from .torch_path import ghost_norms_cheaper
-
     b, t, d_in = a.shape
     d_out = g.shape[2]
     out = torch.zeros(b, dtype=torch.float32, device=a.device)
@@ -143,8 +145,14 @@ def _built(a: torch.Tensor, g: torch.Tensor, mask_f: torch.Tensor | None, w: tor
 
 def linear_cross_dots(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
                       mask1: torch.Tensor | None = None, mask2: torch.Tensor | None = None) -> torch.Tensor:
-    """⟨G1_iᵀA1_i, G2_jᵀA2_j⟩ → [B1, B2] float32, ghost form, every pair (i, j)."""
+    """⟨G1_iᵀA1_i, G2_jᵀA2_j⟩ → [B1, B2] float32, ghost form, every pair (i, j).
+
+    Below 16×16 position pairs the kernel's tiles (one program per sample pair, at least 16×16)
+    would be mostly padding, so short sequences (T = 1 in an MLP) take the torch path's two GEMMs.
+    """
     b1, b2 = a1.shape[0], a2.shape[0]
+    if a1.shape[1] * a2.shape[1] < 256:
+        return _torch_cross_dots(a1.float(), g1.float(), a2.float(), g2.float(), mask1, mask2)
     if (mask1 is None) != (mask2 is None):  # one kernel signature: a missing mask is all ones
         mask1 = mask1 if mask1 is not None else torch.ones(a1.shape[:2], device=a1.device)
         mask2 = mask2 if mask2 is not None else torch.ones(a2.shape[:2], device=a2.device)

@@ -185,14 +185,14 @@ def test_ssd_dampens_exactly_the_selected_parameters():
     #   forget  x0 = (1, 0, 1), y0 = 0: r = 2, g = (4, 0, 4), g² = (16, 0, 16)
     #   retain  x1 = (0, 1, 1), y1 = 0: r = 2, g = (0, 4, 4), g² = (0, 16, 16)
     #           x2 = (1, 1, 0), y2 = 2: r = 0, g = 0
-    # I_forget = (16, 0, 16); I_full = mean over all three = (16/3, 16/3, 16).
-    # α = 1.5: w0 has I_f / I_full = 3 > α → β = min(λ (16/3) / 16, 1) = min(λ/3, 1);
-    #          w1 has I_f = 0, w2 has ratio 1 < α: both unchanged.
+    # I_forget = (16, 0, 16); I_full = mean over all three = (16/3, 16/3, 32/3).
+    # α = 2: w0 has I_f / I_full = 3 > α → β = min(λ (16/3) / 16, 1) = min(λ/3, 1);
+    #        w1 has I_f = 0, w2 has ratio 1.5 < α: both unchanged (well clear of the boundary).
     x = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     y = torch.tensor([[0.0], [0.0], [2.0]])
     model = _linear_mse_task(x, y, torch.ones(3), bias=False)
     for lam, beta in ((1.0, 1 / 3), (0.6, 0.2), (6.0, 1.0)):  # λ = 6: β = min(2, 1) = 1
-        out = uf.unlearn(model, [0], "ssd", alpha=1.5, lam=lam, device="cpu", progress=False)
+        out = uf.unlearn(model, [0], "ssd", alpha=2.0, lam=lam, device="cpu", progress=False)
         assert torch.allclose(out.weight.detach(), torch.tensor([[beta, 1.0, 1.0]]), rtol=1e-6), (lam, out.weight)
     # α ≥ |D| / |D_f| = 3 selects nothing: I_f / I_full ≤ 3 always
     out = uf.unlearn(model, [0], "ssd", alpha=3.0, lam=1.0, device="cpu", progress=False)

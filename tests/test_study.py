@@ -8,6 +8,7 @@ import math
 import pytest
 
 from unlearn_fast import cli
+from unlearn_fast.methods import METHODS
 from unlearn_fast.study import DEFAULT_METHODS, run_study
 
 REQUIRED_METRICS = {"target_acc", "similar_acc", "retain_acc", "test_acc", "mia_auc", "residual_influence"}
@@ -28,6 +29,7 @@ def test_quick_study_writes_the_schema(quick_study):
     # seeds × conditions × (original, oracle and every default method)
     assert len(records) == 2 * 2 * (2 + len(DEFAULT_METHODS))
     assert {r["method"] for r in records} == {"original", "oracle", *DEFAULT_METHODS}
+    assert set(METHODS.names()) - {"oracle"} <= set(DEFAULT_METHODS)  # every registered method is studied
     for r in records:
         assert {"dataset", "method", "seed", "similar"} <= set(r) and REQUIRED_METRICS <= set(r)
         assert r["dataset"] == "digits-blockmask" and r["seed"] in (0, 1)
