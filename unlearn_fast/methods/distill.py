@@ -22,7 +22,7 @@ from ..losses import output_loss, per_sample_loss, upcast_half
 from ..modes import eval_mode
 from ..train import IndexStream, sgd_loop
 from ..validation import check_int_in, check_number, check_positive_int
-from .registry import METHODS, UnlearnTask, derived_model
+from .registry import METHODS, SECOND_STREAM_SEED_OFFSET, UnlearnTask, derived_model
 
 
 @torch.no_grad()
@@ -87,13 +87,6 @@ def incompetent_teacher(model: nn.Module, seed: int) -> nn.Module:
     return out.eval()
 
 
-def _forget_and_retain(task: UnlearnTask, retain_ids: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(forget inputs [m, ...], retain inputs [r, ...], retain labels [r]) on ``device``."""
-    xf, _ = task.tensors(task.forget_ids)
-    xr, yr = task.tensors(retain_ids)
-    return xf.to(device), xr.to(device), yr.to(device)
-
-
 @METHODS.register("bad_teacher", epochs=2, lr=0.005, batch_size=None, retain_fraction=1.0, temperature=1.0, teacher_seed=None)
 def bad_teacher(
     model: nn.Module, task: UnlearnTask, *, epochs: int, lr: float, batch_size: int | None,
@@ -135,10 +128,11 @@ def bad_teacher(
     retain = task.retain_ids()
     keep = torch.randperm(len(retain), generator=torch.Generator().manual_seed(recipe["seed"]))
     keep = keep[:max(1, math.ceil(retain_fraction * len(retain)))].sort().values
-    xf, xr, _ = _forget_and_retain(task, [retain[i] for i in keep.tolist()], dev)
+    xf, _ = task.tensors(task.forget_ids, on_device=True)
+    xr, _ = task.tensors([retain[i] for i in keep.tolist()], on_device=True)
 
     student = derived_model(model, task, task.forget_ids).to(dev)
-    bad = incompetent_teacher(student, recipe["seed"] + 1 if teacher_seed is None else teacher_seed)
+    bad = incompetent_teacher(student, recipe["seed"] + SECOND_STREAM_SEED_OFFSET if teacher_seed is None else teacher_seed)
     # Before training the student is the original model: its logits are the competent teacher's.
     inputs = torch.cat([xf, xr])
     targets = torch.cat([teacher_logits(bad, xf, dev), teacher_logits(student, xr, dev)])
@@ -197,12 +191,13 @@ def scrub(
     recipe = task.recipe(epochs=epochs, lr=lr, batch_size=batch_size)
     dev = task.device
 
-    xf, xr, yr = _forget_and_retain(task, task.retain_ids(), dev)
+    xf, _ = task.tensors(task.forget_ids, on_device=True)
+    xr, yr = task.tensors(task.retain_ids(), on_device=True)
     student = derived_model(model, task, task.forget_ids).to(dev)
     # Before training the student is the original model: its logits are the teacher's.
     tf, tr = teacher_logits(student, xf, dev), teacher_logits(student, xr, dev)
     forget = IndexStream(xf.shape[0], forget_batch_size, recipe["seed"], dev)
-    retain = IndexStream(xr.shape[0], recipe["batch_size"], recipe["seed"] + 1, dev)
+    retain = IndexStream(xr.shape[0], recipe["batch_size"], recipe["seed"] + SECOND_STREAM_SEED_OFFSET, dev)
     # The step plan: True = a max-step on a forget batch, False = a min-step on a retain batch.
     one_max_epoch = [True] * forget.batches_per_epoch + [False] * retain.batches_per_epoch
     plan = one_max_epoch * max_epochs + [False] * (retain.batches_per_epoch * (epochs - max_epochs))

@@ -20,6 +20,9 @@ from ..registry import Registry
 from .expansion import SimilarExpansion
 
 Method = Callable[..., nn.Module]
+# A method's second random stream (a second data stream, an incompetent teacher's init) is seeded
+# with the recipe seed + this, so it never repeats the first stream or the original's own draw.
+SECOND_STREAM_SEED_OFFSET = 1
 METHODS: Registry[Method] = Registry("method")
 
 
@@ -49,10 +52,12 @@ class UnlearnTask:
     def loss(self) -> Loss:
         return self.context.loss
 
-    def tensors(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs [len(ids), ...], labels [len(ids)]) of train samples ``ids``."""
+    def tensors(self, ids: list[int], on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [len(ids), ...], labels [len(ids)]) of train samples ``ids``; on ``self.device`` if asked."""
         inputs, labels = self.context.tensors()
         index = torch.as_tensor(ids, dtype=torch.long)
+        if on_device:
+            return inputs[index].to(self.device), labels[index].to(self.device)
         return inputs[index], labels[index]
 
     def retain_ids(self, extra_removed: list[int] | tuple[int, ...] = ()) -> list[int]:

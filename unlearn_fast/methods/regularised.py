@@ -15,22 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..influence.vectors import trainable
 from ..losses import per_sample_loss
 from ..train import IndexStream, sgd_loop
 from ..validation import check_number
-from .registry import METHODS, UnlearnTask, derived_model
+from .registry import METHODS, SECOND_STREAM_SEED_OFFSET, UnlearnTask, derived_model
 
 # The forget stream draws its own permutations; an offset seed keeps them from mirroring the
 # retain stream's (two streams seeded alike would visit "the same" positions in step).
-FORGET_STREAM_SEED_OFFSET = 1
-
-
-def _tensors_on(task: UnlearnTask, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs [len(ids), ...], labels [len(ids)]) of train samples ``ids`` on the task's device."""
-    x, y = task.tensors(ids)
-    return x.to(task.device), y.to(task.device)
-
-
 def capped_forget_loss(losses: torch.Tensor, cap: float) -> torch.Tensor:
     """mean_j min(ℓ_j, cap) of per-sample losses [B] → scalar.
 
@@ -73,10 +65,10 @@ def graddiff(model: nn.Module, task: UnlearnTask, *, epochs: int, lr: float, bat
     cap = check_number(forget_cap, "forget_cap", low_open=True)
     recipe = task.recipe(epochs=epochs, lr=lr, batch_size=batch_size)
     out = derived_model(model, task, task.forget_ids)
-    xr, yr = _tensors_on(task, task.retain_ids())
-    xf, yf = _tensors_on(task, task.forget_ids)
+    xr, yr = task.tensors(task.retain_ids(), on_device=True)
+    xf, yf = task.tensors(task.forget_ids, on_device=True)
     retain = IndexStream(xr.shape[0], recipe["batch_size"], recipe["seed"], task.device)
-    forget = IndexStream(xf.shape[0], recipe["batch_size"], recipe["seed"] + FORGET_STREAM_SEED_OFFSET, task.device)
+    forget = IndexStream(xf.shape[0], recipe["batch_size"], recipe["seed"] + SECOND_STREAM_SEED_OFFSET, task.device)
 
     def objective() -> torch.Tensor:
         r, f = retain.next(), forget.next()
@@ -124,9 +116,9 @@ def l1_sparse(model: nn.Module, task: UnlearnTask, *, epochs: int, lr: float, ba
     g = check_number(gamma, "gamma")
     recipe = task.recipe(epochs=epochs, lr=lr, batch_size=batch_size)
     out = derived_model(model, task, task.forget_ids)
-    x, y = _tensors_on(task, task.retain_ids())
+    x, y = task.tensors(task.retain_ids(), on_device=True)
     stream = IndexStream(x.shape[0], recipe["batch_size"], recipe["seed"], task.device)
-    params = [p for p in out.parameters() if p.requires_grad]
+    params = list(trainable(out).values())
     total = recipe["epochs"] * stream.batches_per_epoch
     state: dict[str, Any] = {"step": 0}
 
