@@ -74,3 +74,4 @@ def test_missing_reference_is_named():
     ev.references = {"oracle": ev}
     with pytest.raises(ValueError, match="needs the 'original' reference"):
         compute_metrics(ev, ["weight_distance_to_oracle"])
+
