@@ -65,3 +65,70 @@ def _register(kind: str, split: str) -> None:
 for _kind in ("loss", "confidence", "entropy"):
     for _split in ("targets", "similar"):
         _register(_kind, _split)
+
+
+# ------------------------------------------------------------------------------------------------
+# Learned attack: an SVC over four output features (the MIA used by SalUn, Fan et al. 2024, after
+# Jia et al. 2023 and Song & Mittal 2021)
+
+SVC_SEED = 0
+
+
+def modified_entropy(probabilities: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """Song & Mittal's (2021) modified entropy per sample: −(1−p_y) log p_y − Σ_{i≠y} p_i log(1−p_i),
+    from the probability table [n, C] and the true-label probabilities p_y [n] → [n]."""
+    p, p_y = probabilities.double(), confidence.double()
+    tiny = 1e-300
+    all_terms = (p * torch.log((1 - p).clamp_min(tiny))).sum(1)
+    others = all_terms - p_y * torch.log((1 - p_y).clamp_min(tiny))
+    return -(1 - p_y) * torch.log(p_y.clamp_min(tiny)) - others
+
+
+def attack_features(outputs: SplitOutputs) -> np.ndarray:
+    """[n, 4]: correctness, true-label confidence, entropy and modified entropy of each sample."""
+    if outputs.probabilities.numel() == 0:
+        raise ValueError("the SVC membership attack needs class outputs (logits [n, C] with integer labels)")
+    columns = [outputs.correct.double(), outputs.confidence.double(), entropy(outputs.probabilities),
+               modified_entropy(outputs.probabilities, outputs.confidence)]
+    return torch.stack(columns, 1).numpy()
+
+
+def svc_attack_auc(members: np.ndarray, nonmembers: np.ndarray, queries: np.ndarray, held_out: np.ndarray,
+                   seed: int = SVC_SEED) -> float:
+    """Fit an RBF SVC (C=3, gamma="auto", as in SalUn's code) on standardised features of known
+    members [m, F] (label 1) against known non-members [n, F] (label 0), members subsampled to n so
+    the classes balance; return the ROC AUC of its decision scores for ``queries`` [q, F] (treated
+    as members) against ``held_out`` non-members [h, F], which the SVC never saw."""
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    if min(len(members), len(nonmembers)) < 2 or len(queries) == 0 or len(held_out) == 0:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    if len(members) > len(nonmembers):
+        members = members[rng.choice(len(members), size=len(nonmembers), replace=False)]
+    x = np.concatenate([members, nonmembers])
+    y = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
+    scaler = StandardScaler().fit(x)
+    svc = SVC(C=3, gamma="auto", kernel="rbf").fit(scaler.transform(x), y)
+    scores = svc.decision_function(scaler.transform(np.concatenate([queries, held_out])))
+    return threshold_auc(torch.as_tensor(scores[:len(queries)]), torch.as_tensor(scores[len(queries):]))
+
+
+def _register_svc(split: str) -> None:
+    name = f"mia_svc_auc_{split}"
+
+    def attack(ev: Evaluation) -> float:
+        test = attack_features(ev.outputs("test"))
+        order = np.random.default_rng(SVC_SEED).permutation(len(test))
+        half = len(test) // 2  # one half trains the attack, the other is the non-member side of the AUC
+        return svc_attack_auc(attack_features(ev.outputs("retain")), test[order[:half]],
+                              attack_features(ev.outputs(split)), test[order[half:]])
+
+    attack.__doc__ = (f"SVC membership attack (SalUn's): trained on retain (members) vs half of test, then the ROC AUC "
+                      f"of the {split} split against the other half of test.")
+    METRICS.register(name, description=f"SVC MIA AUC over 4 output features, {split} vs held-out test")(attack)
+
+
+for _split in ("targets", "similar"):
+    _register_svc(_split)
