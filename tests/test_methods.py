@@ -170,3 +170,14 @@ def test_oracle_after_an_earlier_request_drops_its_near_duplicates_too(trained_m
     step1 = uf.unlearn(trained_mlp, first, "retrain", progress=False)
     step2 = uf.unlearn(step1, rest, "oracle", progress=False)
     assert set(get_context(step2).removed_ids) == set(small_digits.forget_ids) | set(small_digits.similar_ids())
+
+
+@pytest.mark.parametrize("method", ["random_label", "graddiff", "bad_teacher"])
+def test_none_options_take_the_recorded_training_values(trained_mlp, small_digits, method):
+    """One rule for every method: lr/epochs/batch_size None mean the recipe recorded at training."""
+    recipe = get_context(trained_mlp).recipe
+    ids = small_digits.forget_ids
+    implicit = uf.unlearn(trained_mlp, ids, method, lr=None, epochs=1, batch_size=None, device="cpu", progress=False)
+    explicit = uf.unlearn(trained_mlp, ids, method, lr=recipe["lr"], epochs=1, batch_size=recipe["batch_size"],
+                          device="cpu", progress=False)
+    assert same_params(implicit, explicit)

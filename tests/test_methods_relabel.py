@@ -63,7 +63,6 @@ def test_leaves_the_input_model_alone_and_repeats(quick_task, unlearned, method)
 @pytest.mark.parametrize("method, hyper, shown", [
     ("random_label", {"lr": 0.0}, "lr=0.0"),
     ("random_label", {"lr": float("nan")}, "lr=nan"),
-    ("random_label", {"lr": None}, "lr=None"),
     ("random_label", {"epochs": 0}, "epochs=0"),
     ("salun", {"batch_size": 0}, "batch_size=0"),
     ("salun", {"salient_fraction": 0.0}, "salient_fraction=0.0"),

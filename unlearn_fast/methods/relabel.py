@@ -108,7 +108,7 @@ def _with_retain(task: UnlearnTask, forget_x: torch.Tensor, new_labels: torch.Te
 def _start(model: nn.Module, task: UnlearnTask, epochs: int, lr: float,
            batch_size: int | None) -> tuple[dict[str, Any], nn.Module, torch.Tensor, torch.Tensor, int]:
     """The validated recipe, the copy to train, the forget tensors and the number of classes."""
-    recipe = task.recipe(epochs=epochs, lr=check_number(lr, "lr", low_open=True), batch_size=batch_size)
+    recipe = task.recipe(epochs=epochs, lr=lr, batch_size=batch_size)  # None: the recorded value, as for every method
     out = derived_model(model, task, task.forget_ids).to(task.device)
     forget_x, forget_y = task.tensors(task.forget_ids)
     return recipe, out, forget_x, forget_y, _num_classes(out, forget_x, forget_y, task.device)
