@@ -9,6 +9,7 @@ from ..validation import as_list
 from .metrics import METRICS, loss_threshold_auc, residual_influence_per_target
 from . import distance as _distance  # noqa: F401,E402  (registers the distance-to-oracle metrics)
 from . import mia as _mia  # noqa: F401,E402  (registers the population MIAs)
+from . import relearn as _relearn  # noqa: F401,E402  (registers relearn_steps)
 
 DEFAULT_METRICS = (
     "target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence",

@@ -131,18 +131,21 @@ class Evaluation:
             return [i for i in range(len(ds.train)) if i not in gone]  # type: ignore[arg-type]
         raise ValueError(f"split {split!r} has no train ids; valid: targets, similar, retain")
 
-    def outputs(self, split: str) -> SplitOutputs:
-        """Cached per-sample outputs on ``split`` (one of targets, similar, retain, test)."""
+    def split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [n, ...], labels [n]) of ``split`` (one of targets, similar, retain, test), on CPU."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        if split == "test":
+            return as_tensors(self.dataset.test)
+        if self._train_tensors is None:  # a generic Dataset is read once, not once per split
+            self._train_tensors = as_tensors(self.dataset.train)
+        all_x, all_y = self._train_tensors
+        index = torch.as_tensor(self.split_ids(split), dtype=torch.long)
+        return all_x[index], all_y[index]
+
+    def outputs(self, split: str) -> SplitOutputs:
+        """Cached per-sample outputs on ``split`` (one of targets, similar, retain, test)."""
         if split not in self._cache:
-            if split == "test":
-                inputs, labels = as_tensors(self.dataset.test)
-            else:
-                if self._train_tensors is None:  # a generic Dataset is read once, not once per split
-                    self._train_tensors = as_tensors(self.dataset.train)
-                all_x, all_y = self._train_tensors
-                index = torch.as_tensor(self.split_ids(split), dtype=torch.long)
-                inputs, labels = all_x[index], all_y[index]
+            inputs, labels = self.split_tensors(split)
             self._cache[split] = split_outputs(self.model, self.loss, inputs, labels, self.device)
         return self._cache[split]
