@@ -172,6 +172,33 @@ def test_build_report_says_when_a_group_is_missing(tmp_path: Path) -> None:
     assert not (tmp_path / "results.json").exists()
 
 
+def test_partial_results_list_the_missing_rows(tmp_path: Path) -> None:
+    recs = [r for r in _records() if not (r["method"] == "finetune" and r["seed"] == 1 and r["similar"] == 10)
+            and not (r["method"] == "oracle" and r["seed"] == 2 and r["similar"] == 0)]
+    text = build_report(tmp_path, records=recs).read_text(encoding="utf-8")
+    section = text.split("## Missing rows", 1)[1]
+    assert "2 (method, seed) row(s) are absent" in section
+    assert "- digits-blockmask, C=10: `finetune`, seed 1" in section
+    assert "- digits-blockmask, C=0: `oracle`, seed 2" in section
+    assert "## Missing rows" not in build_report(tmp_path, records=_records()).read_text(encoding="utf-8")
+
+
+def test_results_from_another_schema_version_are_refused(tmp_path: Path) -> None:
+    from unlearn_fast.report.summary import RESULTS_SCHEMA_VERSION
+
+    recs = _records()
+    for r in recs:
+        r["schema_version"] = RESULTS_SCHEMA_VERSION
+    (tmp_path / "results.json").write_text(json.dumps(recs))
+    text = build_report(tmp_path).read_text(encoding="utf-8")
+    assert "| schema_version" not in text  # an identifying key, not a metric column
+    recs[3]["schema_version"] = RESULTS_SCHEMA_VERSION + 1
+    (tmp_path / "results.json").write_text(json.dumps(recs))
+    with pytest.raises(ValueError, match=rf"record 3 has schema_version {RESULTS_SCHEMA_VERSION + 1}; this unlearn_fast "
+                                         rf"reads version {RESULTS_SCHEMA_VERSION}"):
+        build_report(tmp_path)
+
+
 def test_build_report_missing_or_malformed(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "results.json"))):
         build_report(tmp_path)

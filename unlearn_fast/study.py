@@ -27,6 +27,7 @@ from .evaluate import DEFAULT_METRICS, METRICS, Evaluation, compute_metrics
 from .methods import METHODS, unlearn
 from .methods.expansion import SIMILAR_SUFFIX, expansion_quality, similar_base
 from .models import build_model
+from .report.summary import RESULTS_SCHEMA_VERSION
 from .data.similar_dataset import as_tensors
 from .train import fit, make_recipe, train
 from .validation import as_list, check_positive_int, resolve_device
@@ -103,6 +104,7 @@ def _run_one_condition(dataset: str, seed: int, copies: int, methods: list[str],
         ev.reference_target_loss = refs
         ev.references = references
         records.append({
+            "schema_version": RESULTS_SCHEMA_VERSION,
             "dataset": dataset, "method": name, "seed": seed, "similar": copies,
             "targets": len(data.forget_ids), "model": model_name,
             # Wall-clock cost, and as a fraction of retraining without the targets in the same condition.

@@ -17,7 +17,7 @@ from ..atomic_io import write_text
 from ..evaluate.evaluation import DEFAULT_RI_MIN_GAP
 from ..methods.expansion import SIMILAR_SUFFIX, similar_base
 from .plots import plot_accuracies, plot_residual_influence
-from .summary import check_records, format_c, format_table, metric_stat, summarize
+from .summary import check_records, format_c, format_table, metric_stat, missing_rows, summarize
 
 RI = "residual_influence"
 
@@ -72,6 +72,17 @@ def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not records:
         raise ValueError(f"{path} holds no result records")
     return records
+
+
+def _missing_section(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A section listing the rows a partial run lacks (means above are over the rows present)."""
+    absent = missing_rows(records)
+    if not absent:
+        return []
+    lines = ["", "## Missing rows", "",
+             f"{len(absent)} (method, seed) row(s) are absent; the tables and findings above use the rows present.", ""]
+    lines += [f"- {dataset}, C={format_c(similar)}: `{method}`, seed {seed}" for dataset, similar, method, seed in absent]
+    return lines
 
 
 def _num(mean: float, ci: float) -> str:
@@ -218,6 +229,7 @@ def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str,
         f"![Target, near-duplicate and test accuracy by method]({ACCURACY_PNG})", "",
         "## Results (mean ± 95% CI over seeds)", "",
         format_table(summary, style="markdown"),
+        *_missing_section(records),
     ]
     report = out / REPORT_NAME
     write_text(report, "\n".join(parts).rstrip("\n") + "\n")

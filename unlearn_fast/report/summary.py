@@ -14,7 +14,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-IDENTITY_KEYS = ("dataset", "method", "seed", "similar", "targets", "model")
+IDENTITY_KEYS = ("dataset", "method", "seed", "similar", "targets", "model", "schema_version")
+# The record layout this version writes and reads. Records without the key predate versioning
+# (they hold the same identifying keys and metrics) and are read; any other version is refused.
+RESULTS_SCHEMA_VERSION = 1
 
 # Quality metrics first, in the order a reader asks about them; bookkeeping columns go last.
 DEFAULT_METRIC_ORDER = (
@@ -41,7 +44,26 @@ def check_records(records: Any) -> list[Mapping[str, Any]]:
         missing = [k for k in ("dataset", "method") if k not in rec]
         if missing:
             raise ValueError(f"record {i} lacks the identifying key(s) {missing}: {dict(rec)!r}")
+        version = rec.get("schema_version", RESULTS_SCHEMA_VERSION)
+        if version != RESULTS_SCHEMA_VERSION:
+            raise ValueError(f"record {i} has schema_version {version!r}; this unlearn_fast reads version "
+                             f"{RESULTS_SCHEMA_VERSION} (re-run the study with this version, or report with the one that wrote it)")
     return records
+
+
+def missing_rows(records: Sequence[Mapping[str, Any]]) -> list[tuple[Any, Any, Any, Any]]:
+    """(dataset, similar, method, seed) combinations absent from ``records`` although the method and
+    the seed each appear elsewhere in that (dataset, similar) group: the rows a partial run lacks."""
+    groups: dict[tuple[Any, Any], list[Mapping[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault((rec["dataset"], rec.get("similar")), []).append(rec)
+    absent = []
+    for (dataset, similar), rows in groups.items():
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        seeds = list(dict.fromkeys(r.get("seed") for r in rows))
+        present = {(r["method"], r.get("seed")) for r in rows}
+        absent += [(dataset, similar, m, s) for m in methods for s in seeds if (m, s) not in present]
+    return absent
 
 
 def metric_names(records: Iterable[Mapping[str, Any]]) -> list[str]:
