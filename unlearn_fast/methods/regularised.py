@@ -21,8 +21,7 @@ from ..train import IndexStream, sgd_loop
 from ..validation import check_number
 from .registry import METHODS, SECOND_STREAM_SEED_OFFSET, UnlearnTask, derived_model
 
-# The forget stream draws its own permutations; an offset seed keeps them from mirroring the
-# retain stream's (two streams seeded alike would visit "the same" positions in step).
+
 def capped_forget_loss(losses: torch.Tensor, cap: float) -> torch.Tensor:
     """mean_j min(ℓ_j, cap) of per-sample losses [B] → scalar.
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..influence.per_sample import loss_gradient
-from ..influence.vectors import trainable
+from ..influence.vectors import as_dict, as_flat, trainable
 from ..losses import Loss, per_sample_loss
 from ..modes import eval_mode
 from ..train import fit
@@ -87,16 +87,12 @@ def saliency_mask(model: nn.Module, loss: Loss, inputs: torch.Tensor, labels: to
     for batch in _chunks(inputs, labels, device):
         for name, g in loss_gradient(model, loss, batch, params).items():
             total[name] += g
-    flat = torch.cat([g.abs().reshape(-1) for g in total.values()])
+    flat = as_flat(as_dict(total, params), params)[0].abs()  # [P], in params order
     keep = max(1, round(fraction * flat.numel()))
     # topk picks exactly ``keep`` weights even when magnitudes tie (e.g. many exact zeros).
     chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     chosen[torch.topk(flat, keep, sorted=False).indices] = True
-    masks, start = {}, 0
-    for name, p in params.items():
-        masks[name] = chosen[start:start + p.numel()].reshape(p.shape)
-        start += p.numel()
-    return masks
+    return {name: mask[0] for name, mask in as_dict(chosen, params).items()}
 
 
 def _with_retain(task: UnlearnTask, forget_x: torch.Tensor, new_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
