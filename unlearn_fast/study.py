@@ -43,7 +43,6 @@ DEFAULT_METHODS = ("retrain", "finetune", "gradient_ascent", "graddiff", "random
                    "l1_sparse", "bad_teacher", "scrub", "fisher_forgetting", "ssd", "influence",
                    "retrain+similar", "influence+similar")
 QUICK_EPOCH_DIVISOR = 3
-OUTPUT_FILES = ("results.json", "results.csv", "report.md", "residual_influence.png", "accuracy.png")
 
 
 def split_method(name: str) -> tuple[str, dict[str, Any]]:
@@ -70,8 +69,26 @@ def study_methods(methods: str | Iterable[str] | None) -> list[str]:
     return list(dict.fromkeys(["original", "retrain", "oracle", *requested]))
 
 
+def check_method_options(method_options: Any) -> dict[str, dict[str, Any]]:
+    """``{method: {option: value}}`` checked against the registry (unknown methods or options raise).
+
+    The options apply wherever the method runs, its ``+similar`` row included, e.g. the values
+    that ``unlearn-fast tune`` chose.
+    """
+    if method_options is None:
+        return {}
+    if not isinstance(method_options, dict):
+        raise ValueError(f"method_options must be a dict {{method: {{option: value}}}}, got {type(method_options).__name__}")
+    for method, options in method_options.items():
+        if not isinstance(options, dict):
+            raise ValueError(f"method_options[{method!r}] must be a dict of options, got {type(options).__name__}")
+        METHODS.resolve_hyper(method, options)  # unknown method or option raises, naming the valid ones
+    return {m: dict(o) for m, o in method_options.items()}
+
+
 def _run_one_condition(dataset: str, seed: int, copies: int, methods: list[str], metrics: list[str], quick: bool,
-                       device: torch.device, dataset_options: dict[str, Any], bar: Any) -> list[dict[str, Any]]:
+                       device: torch.device, dataset_options: dict[str, Any], bar: Any,
+                       method_options: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     data = load_dataset(dataset, **{**dataset_options, "copies": copies, "seed": seed})
     recipe = default_recipe(dataset)
     model_name = recipe.pop("model")
@@ -90,6 +107,7 @@ def _run_one_condition(dataset: str, seed: int, copies: int, methods: list[str],
     for name in ["oracle", *[m for m in methods if m not in REFERENCES]]:
         bar.set_postfix_str(f"seed={seed} C={copies} {name}")
         method, options = split_method(name)
+        options.update(method_options.get(method, {}))
         started = time.perf_counter()
         models[name] = unlearn(original, data.forget_ids, method, device=device, progress=inner, **options)
         seconds[name] = time.perf_counter() - started
@@ -127,6 +145,7 @@ def run_study(
     progress: bool = True,
     dataset_options: dict[str, Any] | None = None,
     metrics: Iterable[str] = DEFAULT_METRICS,
+    method_options: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the study and return its records; with ``out``, also write results and report there.
 
@@ -139,6 +158,8 @@ def run_study(
         quick: a third of the epochs, for smoke runs.
         out: output folder. Only the study's own files in it are (atomically) replaced.
         dataset_options: passed to :func:`unlearn_fast.load_dataset` (e.g. ``targets``, ``source``).
+        method_options: ``{method: {option: value}}`` overriding registered defaults (see
+            :func:`check_method_options`), e.g. from :func:`unlearn_fast.tune.load_tuned`.
     """
     options = dict(dataset_options or {})
     if "seed" in options:
@@ -146,6 +167,7 @@ def run_study(
     DATASETS.resolve_hyper(dataset, options)  # unknown dataset or option fails before any training
     seeds = check_positive_int(seeds, "seeds")
     method_names = study_methods(methods)
+    tuned = check_method_options(method_options)
     metric_names = as_list(metrics, "metrics", str)
     for name in metric_names:
         METRICS.get(name)
@@ -164,7 +186,7 @@ def run_study(
     with tqdm(total=total, desc=f"study {dataset}", unit="model", disable=not progress) as bar:
         for seed in range(seeds):
             for copies in conditions:
-                records += _run_one_condition(dataset, seed, copies, method_names, metric_names, quick, dev, options, bar)
+                records += _run_one_condition(dataset, seed, copies, method_names, metric_names, quick, dev, options, bar, tuned)
     if out_dir is not None:
         write_results(out_dir, records)
     return records
@@ -203,7 +225,9 @@ def write_results(out_dir: Path, records: list[dict[str, Any]]) -> None:
     from .report import build_report
 
     safe = [{k: _json_safe(v) for k, v in r.items()} for r in records]
-    with atomic_io.staged_files(out_dir, OUTPUT_FILES) as staging:
+    from .report import REPORT_FILES
+
+    with atomic_io.staged_files(out_dir, ("results.json", "results.csv", *REPORT_FILES)) as staging:
         atomic_io.write_json(staging / "results.json", safe)
         columns = list(dict.fromkeys(k for r in safe for k in r))
         buffer = io.StringIO()

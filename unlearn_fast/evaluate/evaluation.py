@@ -8,6 +8,7 @@ and confidences, so the model runs over each split once however many metrics are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -97,6 +98,7 @@ class Evaluation:
     ri_min_gap: float = DEFAULT_RI_MIN_GAP
     references: dict[str, "Evaluation"] = field(default_factory=dict)
     _cache: dict[str, SplitOutputs] = field(default_factory=dict, repr=False)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
     _train_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -149,3 +151,10 @@ class Evaluation:
             inputs, labels = self.split_tensors(split)
             self._cache[split] = split_outputs(self.model, self.loss, inputs, labels, self.device)
         return self._cache[split]
+
+    def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per evaluation under ``key``: metrics that share costly work (a model
+        inversion, shadow-model statistics) compute it once however many of them are asked for."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]

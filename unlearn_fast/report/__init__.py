@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-from .markdown import build_report
+from .markdown import DETAILS_NAME, REPORT_FILES, build_report
 from .plots import plot_accuracies, plot_residual_influence
 from .summary import format_table, summarize
 
-__all__ = ["build_report", "format_table", "plot_accuracies", "plot_residual_influence", "summarize"]
+__all__ = ["DETAILS_NAME", "REPORT_FILES", "build_report", "format_table", "plot_accuracies", "plot_residual_influence", "summarize"]

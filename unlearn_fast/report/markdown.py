@@ -25,6 +25,10 @@ RESULTS_NAME = "results.json"
 REPORT_NAME = "report.md"
 RI_PNG = "residual_influence.png"
 ACCURACY_PNG = "accuracy.png"
+# Optional per-sample evidence the study writes beside results.json (see study.write_details).
+DETAILS_NAME = "details.json"
+# Every file build_report writes; the study stages exactly these (plus its own) so a failure keeps the old ones.
+REPORT_FILES = (REPORT_NAME, RI_PNG, ACCURACY_PNG)
 
 INTRO = """\
 **Question.** When a forget target has near-duplicates left in the training set, does unlearning
