@@ -116,7 +116,10 @@ def test_format_table_text_and_markdown() -> None:
     assert "### digits-blockmask, similar=10 (3 seeds)" in md
     assert "| method | residual_influence | similar_acc |" in md
     assert f"| retrain | {retrain_ri} | 0.900 ± 0.000 |" in md
-    assert "| retrain | 0.010 ± " in md and "| n/a |" in md
+    # the best cell per column is bold: retrain's RI is closest to the oracle's at C=0; all tie on similar_acc
+    assert "| retrain | **0.010 ± " in md and "| n/a |" in md
+    assert "**0.150" not in md and "**0.900" not in md
+    assert "**" not in format_table(summary)  # the terminal table stays plain
     with pytest.raises(ValueError, match="style"):
         format_table(summary, style="html")
 
@@ -150,7 +153,7 @@ def test_build_report(tmp_path: Path) -> None:
         assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "accuracy.png", "notes.txt", "report.md", "residual_influence.png", "results.json"]
+        "accuracy.png", "notes.txt", "report.html", "report.md", "residual_influence.png", "results.json"]
     text = report.read_text(encoding="utf-8")
     assert "![" in text and "(residual_influence.png)" in text and "(accuracy.png)" in text
     assert "| method |" in text and "targets: 20" in text

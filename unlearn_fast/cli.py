@@ -1,28 +1,34 @@
-"""`unlearn-fast`: the command line (study, report, list)."""
+"""`unlearn-fast`: the command line (study, tune, report, list)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 DEFAULT_OUT = "unlearn-fast-results"
+# The study prints these columns (those present); report.md / report.html hold every metric.
+CONSOLE_METRICS = (
+    "target_acc", "similar_acc", "test_acc", "mia_auc", "residual_influence", "residual_influence_median",
+    "kl_to_oracle_targets", "lira_member_rate_targets", "ulira_accuracy_targets", "seconds_vs_retrain",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
     from .methods import METHODS
     from .methods.expansion import SIMILAR_SUFFIX
-    from .study import DEFAULT_METHODS
+    from .methods.search_spaces import SEARCH_SPACES
+    from .study import DEFAULT_METHODS, DEFAULT_SHADOWS
+    from .tune import DEFAULT_TUNE_SEEDS, DEFAULT_TUNED_DIR
 
     parser = argparse.ArgumentParser(prog="unlearn-fast", description="Machine unlearning with near-duplicate-aware evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     study = sub.add_parser("study", help="train, unlearn and evaluate: the main job",
                            description="For each seed: train `original`, run every method and the `oracle`, evaluate, and write "
-                                       "results.json, results.csv and report.md (with plots) into --out.")
-    study.add_argument("--dataset", default="digits-blockmask", help=f"one of: {', '.join(DATASETS.names())} (default: %(default)s)")
+                                       "results.json, results.csv, details.json, report.md and report.html (with plots) into --out.")
+    _add_data_arguments(study)
     study.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                        help=f"methods besides original/retrain/oracle; from: {', '.join(METHODS.names())}, each also as "
                             f"METHOD{SIMILAR_SUFFIX} (the forget set expanded with the near-duplicates found) "
@@ -31,25 +37,62 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--similar", type=int, nargs="+", default=None, metavar="C",
                        help="near-duplicate copies per target; several values run several conditions "
                             "(default: the dataset's C and 0, the no-near-duplicate control)")
-    study.add_argument("--targets", type=int, default=None, metavar="K", help="number of forget targets (default: the dataset's)")
-    study.add_argument("--source", default=None, help="local data folder for the HF-backed datasets (mnist, fashion-mnist, cifar10)")
-    study.add_argument("--download", action="store_true", help="allow HF-backed datasets to download once into the HF cache")
-    study.add_argument("--quick", action="store_true", help="a third of the training epochs, for a smoke run")
+    study.add_argument("--quick", action="store_true", help="a smoke run: a third of the training epochs, no shadow models, no per-model optimising metrics "
+                            "(reconstruction SSIM, relearn steps, SVC attack)")
+    study.add_argument("--shadows", type=int, default=None, metavar="S",
+                       help=f"shadow models per seed and C for the LiRA and U-LiRA metrics; 0 turns them off "
+                            f"(default: {DEFAULT_SHADOWS}, 0 with --quick)")
+    study.add_argument("--tuned", nargs="+", default=None, metavar="PATH",
+                       help="result files of `unlearn-fast tune` (or folders of them): run those methods with the chosen values")
     study.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-    study.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
-    study.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_run_arguments(study)
 
-    report = sub.add_parser("report", help="rebuild report.md and plots from DIR/results.json")
+    tune = sub.add_parser("tune", help="search a method's hyperparameters for the values closest to the oracle",
+                          description="Train the study's `original` and `oracle` on tune seeds of its own, run the method's "
+                                      "registered defaults and seeded draws from its search space, and keep the values "
+                                      "whose target, near-duplicate, retain and test accuracy and MIA AUC are closest to "
+                                      "the oracle's. `study --tuned` reads the file it writes.")
+    tune.add_argument("--method", required=True, help=f"one of: {', '.join(SEARCH_SPACES)}")
+    tune.add_argument("--trials", type=int, default=12, help="trials, the defaults included (default: %(default)s)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
+    tune.add_argument("--tune-seeds", type=int, nargs="+", default=list(DEFAULT_TUNE_SEEDS), metavar="S",
+                      help="data/training seeds the objective averages over; keep them apart from the study's 0 .. N-1 "
+                           "(default: %(default)s)")
+    tune.add_argument("--similar", type=int, default=0, metavar="C",
+                      help="near-duplicates per target; 0 makes the oracle retrain, an unambiguous target (default: %(default)s)")
+    _add_data_arguments(tune)
+    speed = tune.add_mutually_exclusive_group()
+    speed.add_argument("--quick", dest="quick", action="store_true", default=True,
+                       help="train `original` as `study --quick` does (default)")
+    speed.add_argument("--full", dest="quick", action="store_false", help="train `original` with the full recipe, as `study`")
+    tune.add_argument("--out", default=None, metavar="PATH",
+                      help=f"result file, or a folder for METHOD.json (default: {DEFAULT_TUNED_DIR}/METHOD.json)")
+    _add_run_arguments(tune)
+
+    report = sub.add_parser("report", help="rebuild report.md, report.html and plots from DIR/results.json (and details.json)")
     report.add_argument("dir", help="a study output folder")
 
     sub.add_parser("list", help="list datasets, models, methods and metrics")
     return parser
 
 
-def _study(args: argparse.Namespace) -> int:
-    from .report import format_table, summarize
-    from .study import run_study
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dataset, --targets, --source, --download: the task, shared by study and tune."""
+    from .data import DATASETS
 
+    parser.add_argument("--dataset", default="digits-blockmask", help=f"one of: {', '.join(DATASETS.names())} (default: %(default)s)")
+    parser.add_argument("--targets", type=int, default=None, metavar="K", help="number of forget targets (default: the dataset's)")
+    parser.add_argument("--source", default=None, help="local data folder for the HF-backed datasets (mnist, fashion-mnist, cifar10)")
+    parser.add_argument("--download", action="store_true", help="allow HF-backed datasets to download once into the HF cache")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _dataset_options(args: argparse.Namespace) -> dict[str, object]:
+    """The load_dataset options given by _add_data_arguments' flags (unset ones left to the dataset)."""
     options: dict[str, object] = {}
     if args.targets is not None:
         options["targets"] = args.targets
@@ -57,11 +100,37 @@ def _study(args: argparse.Namespace) -> int:
         options["source"] = args.source
     if args.download:
         options["download"] = True
+    return options
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .report import format_table, summarize
+    from .report.summary import ordered_metrics
+    from .study import run_study
+    from .tune import load_tuned
+
+    tuned = None if args.tuned is None else load_tuned(args.tuned)
     records = run_study(dataset=args.dataset, methods=args.methods, seeds=args.seeds, similar=args.similar,
                         quick=args.quick, out=args.out, device=args.device, progress=not args.no_progress,
-                        dataset_options=options)
-    print(format_table(summarize(records)))
-    print(f"\nwrote {Path(args.out) / 'results.json'}, results.csv and report.md")
+                        dataset_options=_dataset_options(args), method_options=tuned,
+                        shadows=args.shadows)
+    summary = summarize(records)
+    every = ordered_metrics(summary)
+    print(format_table(summary, metrics=[m for m in CONSOLE_METRICS if m in every]))
+    print(f"\nwrote {Path(args.out) / 'results.json'}, results.csv, report.md and report.html "
+          f"(all {len(every)} metrics; here {sum(m in every for m in CONSOLE_METRICS)})")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .tune import DEFAULT_TUNED_DIR, format_result, tune_method
+
+    out = args.out if args.out is not None else Path(DEFAULT_TUNED_DIR) / f"{args.method}.json"
+    result = tune_method(args.method, dataset=args.dataset, trials=args.trials, seed=args.seed, similar=args.similar,
+                         tune_seeds=args.tune_seeds, quick=args.quick, device=args.device, progress=not args.no_progress,
+                         out=out, dataset_options=_dataset_options(args))
+    print(format_result(result))
+    print(f"\nwrote {result.path}; use it with `unlearn-fast study --tuned {result.path}`")
     return 0
 
 
@@ -89,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "study":
             return _study(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "report":
             from .report import build_report
 

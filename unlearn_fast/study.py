@@ -23,13 +23,18 @@ from tqdm.auto import tqdm
 
 from . import atomic_io
 from .data import DATASETS, default_recipe, load_dataset
+from .data.similar_dataset import as_tensors
 from .evaluate import DEFAULT_METRICS, METRICS, Evaluation, compute_metrics
+from .evaluate.lira import LIRA_MIN_SHADOWS, SHADOW_METRICS, ULIRA_MIN_SHADOWS
+from .evaluate.reconstruction import RECONSTRUCTION_METRICS
 from .methods import METHODS, unlearn
 from .methods.expansion import SIMILAR_SUFFIX, expansion_quality, similar_base
 from .models import build_model
 from .report.summary import RESULTS_SCHEMA_VERSION
-from .data.similar_dataset import as_tensors
-from .train import fit, make_recipe, train
+from .shadows import evidence as shadow_evidence, method_phi, shadow_phi, train_shadows
+from .study_details import DETAILS_SCHEMA_VERSION, condition_details
+from .study_models import QUICK_EPOCH_DIVISOR, study_recipe, train_original  # noqa: F401  (QUICK_EPOCH_DIVISOR: re-exported)
+from .train import fit, make_recipe
 from .validation import as_list, check_positive_int, resolve_device
 
 REFERENCES = ("original", "oracle")
@@ -42,7 +47,12 @@ SIMILAR_OPTIONS = {"similar": "auto", "similar_action": "remove"}
 DEFAULT_METHODS = ("retrain", "finetune", "gradient_ascent", "graddiff", "random_label", "salun", "boundary_shrink",
                    "l1_sparse", "bad_teacher", "scrub", "fisher_forgetting", "ssd", "influence",
                    "retrain+similar", "influence+similar")
-QUICK_EPOCH_DIVISOR = 3
+# --quick is a smoke run that must stay within 30 s on 2 CPU cores: besides no shadows, it skips the
+# audit metrics that optimise per model. On the default study they took 7.3 s (model inversions),
+# 2.4 s (relearning) and 1.9 s (the SVC attack) of 36 s.
+QUICK_SKIPPED_METRICS = (*RECONSTRUCTION_METRICS, "relearn_steps", "mia_svc_auc_targets")
+# Shadow models per seed and C for LiRA / U-LiRA (off under --quick). See README for the cost.
+DEFAULT_SHADOWS = 8
 
 
 def split_method(name: str) -> tuple[str, dict[str, Any]]:
@@ -86,34 +96,38 @@ def check_method_options(method_options: Any) -> dict[str, dict[str, Any]]:
     return {m: dict(o) for m, o in method_options.items()}
 
 
+def _shadow_work(methods: list[str], shadows: int) -> int:
+    """Progress-bar units of one condition's shadow work: S trainings, then S per method run on them."""
+    return shadows * (1 + len(methods)) if shadows else 0
+
+
 def _run_one_condition(dataset: str, seed: int, copies: int, methods: list[str], metrics: list[str], quick: bool,
                        device: torch.device, dataset_options: dict[str, Any], bar: Any,
-                       method_options: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+                       method_options: dict[str, dict[str, Any]], shadows: int,
+                       keep_details: bool) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     data = load_dataset(dataset, **{**dataset_options, "copies": copies, "seed": seed})
-    recipe = default_recipe(dataset)
-    model_name = recipe.pop("model")
-    if quick:
-        recipe["epochs"] = max(1, recipe["epochs"] // QUICK_EPOCH_DIVISOR)
-    torch.manual_seed(seed)
-    model = build_model(model_name, data.input_shape, data.num_classes)
+    model_name, recipe = study_recipe(dataset, quick)
     # Per-model bars only where a person watches; in logs the study bar's postfix says enough.
     inner = not bar.disable and sys.stderr.isatty()
     bar.set_postfix_str(f"seed={seed} C={copies} original")
-    started = time.perf_counter()
-    original = train(model, data, seed=seed, device=device, progress=inner, **recipe)
-    seconds = {"original": time.perf_counter() - started}
+    original, train_seconds = train_original(data, dataset, seed, quick, device, progress=inner)
+    seconds = {"original": train_seconds}
     bar.update()
     models = {"original": original}
+    requests: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in ["oracle", *[m for m in methods if m not in REFERENCES]]:
         bar.set_postfix_str(f"seed={seed} C={copies} {name}")
         method, options = split_method(name)
         options.update(method_options.get(method, {}))
+        requests[name] = (method, options)
         started = time.perf_counter()
         models[name] = unlearn(original, data.forget_ids, method, device=device, progress=inner, **options)
         seconds[name] = time.perf_counter() - started
         bar.update()
 
     evaluations = {name: Evaluation(m, data, device=device) for name, m in models.items()}
+    if shadows:
+        _attach_shadow_evidence(evaluations, requests, data, model_name, {**recipe, "seed": seed}, shadows, seed, device, bar)
     refs = {name: evaluations[name].outputs("targets").loss for name in REFERENCES}
     references = {name: evaluations[name] for name in REFERENCES}
     records = []
@@ -124,14 +138,30 @@ def _run_one_condition(dataset: str, seed: int, copies: int, methods: list[str],
         records.append({
             "schema_version": RESULTS_SCHEMA_VERSION,
             "dataset": dataset, "method": name, "seed": seed, "similar": copies,
-            "targets": len(data.forget_ids), "model": model_name,
+            "targets": len(data.forget_ids), "model": model_name, "shadows": shadows,
             # Wall-clock cost, and as a fraction of retraining without the targets in the same condition.
             "seconds": seconds[name], "seconds_vs_retrain": seconds[name] / seconds["retrain"],
             **compute_metrics(ev, metrics),
             # How well the near-duplicate search did, for the "+similar" rows only.
             **expansion_quality(getattr(models[name], "unlearn_fast_similar", None), data.similar),
         })
-    return records
+    details = condition_details(dataset, copies, seed, data, {n: evaluations[n] for n in methods}, metrics) if keep_details else None
+    return records, details
+
+
+def _attach_shadow_evidence(evaluations: dict[str, Evaluation], requests: dict[str, tuple[str, dict[str, Any]]],
+                            data: Any, model_name: str, recipe: dict[str, Any], count: int, seed: int,
+                            device: torch.device, bar: Any) -> None:
+    """Train the condition's shadows, run every method on them, and give each evaluation its evidence."""
+    bar.set_postfix_str(f"seed={seed} C={data.info.get('copies')} shadows")
+    shadow_set = train_shadows(data, model_name, recipe, count, seed, device)
+    bar.update(count)
+    base = shadow_phi(shadow_set, device)
+    for name, ev in evaluations.items():
+        bar.set_postfix_str(f"seed={seed} C={data.info.get('copies')} {name} on shadows")
+        method, options = requests.get(name, ("original", {}))
+        ev.shadows = shadow_evidence(shadow_set, base, method_phi(shadow_set, method, options, device))
+        bar.update(count)
 
 
 def run_study(
@@ -144,8 +174,9 @@ def run_study(
     device: str | torch.device = "auto",
     progress: bool = True,
     dataset_options: dict[str, Any] | None = None,
-    metrics: Iterable[str] = DEFAULT_METRICS,
+    metrics: Iterable[str] | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
+    shadows: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the study and return its records; with ``out``, also write results and report there.
 
@@ -160,6 +191,10 @@ def run_study(
         dataset_options: passed to :func:`unlearn_fast.load_dataset` (e.g. ``targets``, ``source``).
         method_options: ``{method: {option: value}}`` overriding registered defaults (see
             :func:`check_method_options`), e.g. from :func:`unlearn_fast.tune.load_tuned`.
+        metrics: metric names (default: :data:`DEFAULT_METRICS`, plus :data:`SHADOW_METRICS` when
+            shadows are on; with ``quick``, without :data:`QUICK_SKIPPED_METRICS`).
+        shadows: S shadow models per seed and C for LiRA and U-LiRA (:mod:`unlearn_fast.shadows`);
+            0 turns those metrics off. Default :data:`DEFAULT_SHADOWS`, or 0 with ``quick``.
     """
     options = dict(dataset_options or {})
     if "seed" in options:
@@ -168,9 +203,20 @@ def run_study(
     seeds = check_positive_int(seeds, "seeds")
     method_names = study_methods(methods)
     tuned = check_method_options(method_options)
-    metric_names = as_list(metrics, "metrics", str)
+    shadows = (0 if quick else DEFAULT_SHADOWS) if shadows is None else check_positive_int(
+        shadows, "shadows", minimum=0, hint=f"0 (off) or at least {ULIRA_MIN_SHADOWS} for U-LiRA")
+    if 0 < shadows < LIRA_MIN_SHADOWS:
+        raise ValueError(f"shadows={shadows}: LiRA needs at least {LIRA_MIN_SHADOWS} shadow models "
+                         f"(U-LiRA {ULIRA_MIN_SHADOWS}); give 0 to turn the shadow-model metrics off")
+    default_metrics = [*(m for m in DEFAULT_METRICS if not (quick and m in QUICK_SKIPPED_METRICS)),
+                       *(SHADOW_METRICS if shadows else ())]
+    metric_names = as_list(default_metrics if metrics is None else metrics, "metrics", str)
     for name in metric_names:
         METRICS.get(name)
+    wants_shadows = [m for m in metric_names if m in SHADOW_METRICS]
+    if wants_shadows and shadows < (ULIRA_MIN_SHADOWS if "ulira_accuracy_targets" in wants_shadows else LIRA_MIN_SHADOWS):
+        raise ValueError(f"metrics {wants_shadows} need shadow models: give shadows >= "
+                         f"{ULIRA_MIN_SHADOWS if 'ulira_accuracy_targets' in wants_shadows else LIRA_MIN_SHADOWS} (got {shadows})")
     default_copies = options.pop("copies", DATASETS.get(dataset).defaults["copies"])
     conditions = list(dict.fromkeys(as_list([default_copies, 0] if similar is None else similar, "similar", (int, np.integer))))
     if not conditions:
@@ -182,13 +228,17 @@ def run_study(
 
     _warm_up(dataset, options, dev)
     records: list[dict[str, Any]] = []
-    total = seeds * len(conditions) * len(method_names)
+    details: list[dict[str, Any]] = []
+    total = seeds * len(conditions) * (len(method_names) + _shadow_work(method_names, shadows))
     with tqdm(total=total, desc=f"study {dataset}", unit="model", disable=not progress) as bar:
         for seed in range(seeds):
             for copies in conditions:
-                records += _run_one_condition(dataset, seed, copies, method_names, metric_names, quick, dev, options, bar, tuned)
+                rows, detail = _run_one_condition(dataset, seed, copies, method_names, metric_names, quick, dev, options,
+                                                  bar, tuned, shadows if wants_shadows else 0, keep_details=seed == 0)
+                records += rows
+                details += [detail] if detail is not None else []
     if out_dir is not None:
-        write_results(out_dir, records)
+        write_results(out_dir, records, {"schema_version": DETAILS_SCHEMA_VERSION, "conditions": details})
     return records
 
 
@@ -216,19 +266,20 @@ def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def write_results(out_dir: Path, records: list[dict[str, Any]]) -> None:
-    """Write results.json, results.csv and the report (report.md + PNGs).
+def write_results(out_dir: Path, records: list[dict[str, Any]], details: dict[str, Any] | None = None) -> None:
+    """Write results.json, results.csv, details.json (when given) and the report (REPORT_FILES).
 
-    All five files are produced in a staging folder first and only then moved into ``out_dir``, so
-    a failure (in plotting, say) leaves the earlier results intact.
+    All files are produced in a staging folder first and only then moved into ``out_dir``, so a
+    failure (in plotting, say) leaves the earlier results intact.
     """
-    from .report import build_report
+    from .report import DETAILS_NAME, REPORT_FILES, build_report
 
     safe = [{k: _json_safe(v) for k, v in r.items()} for r in records]
-    from .report import REPORT_FILES
-
-    with atomic_io.staged_files(out_dir, ("results.json", "results.csv", *REPORT_FILES)) as staging:
+    names = ("results.json", "results.csv", *((DETAILS_NAME,) if details is not None else ()), *REPORT_FILES)
+    with atomic_io.staged_files(out_dir, names) as staging:
         atomic_io.write_json(staging / "results.json", safe)
+        if details is not None:
+            atomic_io.write_json(staging / DETAILS_NAME, details)
         columns = list(dict.fromkeys(k for r in safe for k in r))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")

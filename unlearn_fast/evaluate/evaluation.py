@@ -8,7 +8,7 @@ and confidences, so the model runs over each split once however many metrics are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from ..data.similar_dataset import SimilarDataset, as_tensors
 from ..context import CONTEXT_ATTRIBUTE
 from ..losses import Loss, check_loss, output_loss, per_sample_loss, upcast_half
 from ..modes import eval_mode
+
+if TYPE_CHECKING:
+    from .lira import ShadowEvidence
 
 SPLITS = ("targets", "similar", "retain", "test")
 # Residual-influence denominator threshold, in nats. On digits-blockmask the per-target losses of
@@ -88,6 +91,7 @@ class Evaluation:
             influence mean (see :func:`unlearn_fast.evaluate.metrics.residual_influence`).
         references: evaluations of the reference models on the same dataset, by name (``"original"``,
             ``"oracle"``); the distance-to-oracle metrics (:mod:`.distance`) compare with them.
+        shadows: shadow-model evidence for the per-example attacks (:mod:`.lira`); None: not run.
     """
 
     model: nn.Module
@@ -97,6 +101,7 @@ class Evaluation:
     reference_target_loss: dict[str, torch.Tensor] = field(default_factory=dict)
     ri_min_gap: float = DEFAULT_RI_MIN_GAP
     references: dict[str, "Evaluation"] = field(default_factory=dict)
+    shadows: "ShadowEvidence | None" = None
     _cache: dict[str, SplitOutputs] = field(default_factory=dict, repr=False)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
     _train_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)

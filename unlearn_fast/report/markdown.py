@@ -1,8 +1,10 @@
-"""Build ``report.md`` (with two PNG figures) from a study's ``results.json``.
+"""Build ``report.md`` and ``report.html`` (with PNG figures) from a study's ``results.json``.
 
-Only ``report.md``, ``residual_influence.png`` and ``accuracy.png`` are written, each
-atomically; the figures are written first so a plotting failure leaves the old report as it was.
-Every sentence that states a result is composed from the numbers in the records.
+The optional ``details.json`` beside it adds the per-sample figures (MIA ROC curves, U-LiRA
+per-target accuracy, image grids); without it, or when it is malformed, those sections say why
+they are missing and the rest builds from ``results.json`` alone. Only :data:`REPORT_FILES` are
+written, each atomically; the figures are written first, so a plotting failure leaves the old
+reports as they were. Every sentence that states a result is composed from the numbers in the records.
 """
 
 from __future__ import annotations
@@ -10,25 +12,48 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..atomic_io import write_text
 from ..evaluate.evaluation import DEFAULT_RI_MIN_GAP
 from ..methods.expansion import SIMILAR_SUFFIX, similar_base
+from .details import Details, details_status, load_details
+from .figures import (
+    DETAIL_FIGURE_FILES,
+    DETAIL_FIGURES,
+    missing_note,
+    write_detail_figures,
+)
+from .html import FigureBlock, Page, render_html
 from .plots import plot_accuracies, plot_residual_influence
-from .summary import check_records, format_c, format_table, metric_stat, missing_rows, summarize
+from .summary import (
+    BEST_NOTE,
+    check_records,
+    format_c,
+    format_table,
+    metric_stat,
+    missing_rows,
+    summarize,
+)
 
 RI = "residual_influence"
+ULIRA = "ulira_accuracy_targets"
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.md"
+HTML_NAME = "report.html"
 RI_PNG = "residual_influence.png"
 ACCURACY_PNG = "accuracy.png"
 # Optional per-sample evidence the study writes beside results.json (see study.write_details).
 DETAILS_NAME = "details.json"
 # Every file build_report writes; the study stages exactly these (plus its own) so a failure keeps the old ones.
-REPORT_FILES = (REPORT_NAME, RI_PNG, ACCURACY_PNG)
+# The figures from details.json (DETAIL_FIGURE_FILES) are written only when it holds their data.
+REPORT_FILES = (REPORT_NAME, HTML_NAME, RI_PNG, ACCURACY_PNG, *DETAIL_FIGURE_FILES)
+TITLE = "Unlearning with near-duplicates: study report"
+# At most this many of details.json's dropped parts are listed by name; the rest are counted.
+MAX_DETAIL_NOTES = 12
 
 INTRO = """\
 **Question.** When a forget target has near-duplicates left in the training set, does unlearning
@@ -78,9 +103,8 @@ def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def _missing_section(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """A section listing the rows a partial run lacks (means above are over the rows present)."""
-    absent = missing_rows(records)
+def _missing_section(absent: Sequence[tuple[Any, Any, Any, Any]]) -> list[str]:
+    """A section listing the rows a partial run lacks (see :func:`missing_rows`; means above use the rows present)."""
     if not absent:
         return []
     lines = ["", "## Missing rows", "",
@@ -160,7 +184,25 @@ def finding(dataset: Any, rows: Sequence[Mapping[str, Any]]) -> str:
             best, stat = min(others, key=lambda x: abs(x[1][0] - o_mean))
             text += f" Of the other methods at C={format_c(c)}, `{best}` comes closest to the oracle (RI {_num(*stat)})."
     text += "".join(_expansion_sentence(lookup, c) for c in similars)
+    text += "".join(_ulira_sentence(lookup, c) for c in similars)
     return f"**Finding ({dataset}).** {text}"
+
+
+def _ulira_sentence(lookup: Mapping[tuple[Any, Any], Mapping[str, Any]], c: Any) -> str:
+    """U-LiRA at C=c: the attack's power (original), retrain against the oracle, and the methods whose CI
+    stays above the oracle's ("" when the shadow-model metric did not run)."""
+    stats = {m: metric_stat(row, ULIRA) for (cc, m), row in lookup.items() if cc == c}
+    stats = {m: s for m, s in stats.items() if math.isfinite(s[0])}
+    if not {"original", "retrain", "oracle"} <= set(stats):
+        return ""
+    oracle = stats["oracle"]
+    # Separated from the oracle: both CIs defined and disjoint, the method above.
+    above = [m for m, (mean, ci) in stats.items() if m not in ("original", "oracle") and math.isfinite(ci)
+             and math.isfinite(oracle[1]) and mean - ci > oracle[0] + oracle[1]]
+    listed = ", ".join(f"`{m}`" for m in above) if above else "none"
+    return (f" U-LiRA at C={format_c(c)} (0.5 = indistinguishable from never trained on the target): original "
+            f"{_num(*stats['original'])}, retrain {_num(*stats['retrain'])} vs the oracle's {_num(*oracle)} "
+            f"({_compare(stats['retrain'], oracle)}); methods whose CI lies above the oracle's: {listed}.")
 
 
 def _expansion_sentence(lookup: Mapping[tuple[Any, Any], Mapping[str, Any]], c: Any) -> str:
@@ -204,11 +246,39 @@ def _setup(records: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str, Any]] | None = None) -> Path:
-    """Write ``report.md``, ``residual_influence.png`` and ``accuracy.png`` into ``out_dir``.
+def _paragraphs(text: str) -> list[str]:
+    """Markdown paragraphs as single lines (for the HTML page)."""
+    return [" ".join(block.split("\n")) for block in text.strip().split("\n\n") if block.strip()]
 
-    ``records`` defaults to the contents of ``out_dir/results.json``. Returns the report's path.
-    Raises FileNotFoundError / ValueError, naming the file, when results are missing or malformed.
+
+def _detail_sections(details: Details, written: Mapping[str, Path], errors: Mapping[str, str]) -> list[str]:
+    """One Markdown subsection per details.json figure: the image, or one line saying why it is missing."""
+    lines = []
+    for spec in DETAIL_FIGURES:
+        lines += [f"### {spec.title}", ""]
+        if spec.name in written:
+            lines += [f"![{spec.title}]({spec.name})", "", spec.caption, ""]
+        else:
+            lines += [f"*{errors.get(spec.name) or missing_note(spec, details)}*", ""]
+    return lines
+
+
+def _notes(records: Sequence[Mapping[str, Any]], details: Details) -> list[str]:
+    """What the report was built from, and what of details.json it left out."""
+    notes = [f"Built from {RESULTS_NAME} ({len(records)} records). {details_status(details)}"]
+    notes += [f"{DETAILS_NAME}, {note}." for note in details.notes[:MAX_DETAIL_NOTES]]
+    if len(details.notes) > MAX_DETAIL_NOTES:
+        notes.append(f"… and {len(details.notes) - MAX_DETAIL_NOTES} more malformed part(s) of {DETAILS_NAME}.")
+    return notes
+
+
+def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str, Any]] | None = None) -> Path:
+    """Write ``report.md``, ``report.html`` and their PNG figures (:data:`REPORT_FILES`) into ``out_dir``.
+
+    ``records`` defaults to the contents of ``out_dir/results.json``; ``out_dir/details.json`` is
+    read when present (a missing or malformed one only drops the figures it would give, with a note
+    saying why). Returns the Markdown report's path. Raises FileNotFoundError / ValueError, naming
+    the file, when results are missing or malformed.
     """
     out = Path(out_dir)
     if records is None:
@@ -218,23 +288,41 @@ def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str,
         if not records:
             raise ValueError("records is empty; nothing to report")
     summary = summarize(records)
-    # Figures before the report: if plotting fails, report.md keeps its previous contents.
+    details = load_details(out / DETAILS_NAME)
+    # Figures before the reports: if plotting fails, report.md and report.html keep their previous contents.
     plot_residual_influence(summary, out / RI_PNG)
     plot_accuracies(summary, out / ACCURACY_PNG)
+    written, errors = write_detail_figures(details, out)
     datasets = list(dict.fromkeys(r["dataset"] for r in summary))
     expanded = any(similar_base(str(r["method"])) is not None for r in summary)
+    intro = INTRO.format(min_gap=DEFAULT_RI_MIN_GAP) + ("\n" + SIMILAR_INTRO.format(suffix=SIMILAR_SUFFIX) if expanded else "")
+    setup = _setup(records)
+    findings = [finding(d, summary) for d in datasets]
+    warning = details_status(details) if details.status == "ignored" else None
+    notes = _notes(records, details)
+    absent = missing_rows(records)
     parts = [
-        "# Unlearning with near-duplicates: study report", "", INTRO.format(min_gap=DEFAULT_RI_MIN_GAP),
-        *([SIMILAR_INTRO.format(suffix=SIMILAR_SUFFIX)] if expanded else []),
-        "## Setup", "", *_setup(records), "",
-        "## Findings", "", *(line for d in datasets for line in (finding(d, summary), "")),
+        f"# {TITLE}", "", *([f"> **Warning.** {warning}", ""] if warning else []), intro,
+        "## Setup", "", *setup, "",
+        "## Findings", "", *(line for f in findings for line in (f, "")),
         "## Figures", "",
         f"![Residual influence by method and C]({RI_PNG})", "",
         f"![Target, near-duplicate and test accuracy by method]({ACCURACY_PNG})", "",
-        "## Results (mean ± 95% CI over seeds)", "",
+        *_detail_sections(details, written, errors),
+        "## Results (mean ± 95% CI over seeds)", "", BEST_NOTE, "",
         format_table(summary, style="markdown"),
-        *_missing_section(records),
+        *_missing_section(absent),
+        "", "## Notes", "", *(f"- {n}" for n in notes),
     ]
+    blocks = [FigureBlock(spec.name.removesuffix(".png").replace("_", "-"), spec.title, spec.caption,
+                          written[spec.name].read_bytes() if spec.name in written else None,
+                          errors.get(spec.name) or missing_note(spec, details)) for spec in DETAIL_FIGURES]
+    page = render_html(Page(
+        title=TITLE, intro=_paragraphs(intro), setup=[line.removeprefix("- ") for line in setup], findings=findings,
+        summary=summary, ri_png=(out / RI_PNG).read_bytes(), accuracy_png=(out / ACCURACY_PNG).read_bytes(),
+        detail_figures=blocks, missing=absent, notes=notes, warning=warning))
+    # Both documents are composed before either is written, so they never describe different runs.
     report = out / REPORT_NAME
     write_text(report, "\n".join(parts).rstrip("\n") + "\n")
+    write_text(out / HTML_NAME, page)
     return report

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -20,6 +21,9 @@ from ..atomic_io import atomic_path
 from .summary import format_c, metric_stat
 
 RI_YLABEL = "residual influence (1 = fully remains, 0 = oracle)"
+# Past this |value| (a mean or a CI end) the RI axis turns symmetric-log, linear within ±1: a few exploding
+# ratios (tiny denominators, one seed's over-shoot) would otherwise flatten every other bar to zero.
+RI_SYMLOG_ABOVE = 5.0
 ACCURACY_METRICS = ("target_acc", "similar_acc", "test_acc")
 
 
@@ -97,10 +101,14 @@ def plot_residual_influence(summary: Sequence[Mapping[str, Any]], path: str | os
         ax.axhline(0.0, linestyle="--", color="tab:green", linewidth=1, label="0 = oracle level")
         if not drawn:
             _no_data(ax, "residual_influence")
+        ends = [abs(m) + (c if math.isfinite(c) else 0.0) for _, stats in series for m, c in stats if math.isfinite(m)]
+        symlog = max(ends, default=0.0) > RI_SYMLOG_ABOVE
+        if symlog:
+            ax.set_yscale("symlog", linthresh=1.0)
         low, high = ax.get_ylim()
         ax.set_ylim(min(low, -0.1), max(high, 1.1))  # keep both reference lines in view
         ax.set_title(str(dataset))
-        ax.set_ylabel(RI_YLABEL)
+        ax.set_ylabel(RI_YLABEL + ("\nsymlog axis: linear within ±1" if symlog else ""))
         ax.legend(fontsize=8)
     return _save(fig, path)
 

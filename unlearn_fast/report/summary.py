@@ -8,13 +8,14 @@ metrics show up in the report without touching this module.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
 
-IDENTITY_KEYS = ("dataset", "method", "seed", "similar", "targets", "model", "schema_version")
+IDENTITY_KEYS = ("dataset", "method", "seed", "similar", "targets", "model", "schema_version", "shadows")
 # The record layout this version writes and reads. Records without the key predate versioning
 # (they hold the same identifying keys and metrics) and are read; any other version is refused.
 RESULTS_SCHEMA_VERSION = 1
@@ -26,6 +27,31 @@ DEFAULT_METRIC_ORDER = (
 )
 # The "+similar" rows' near-duplicate search counts sit with the bookkeeping.
 TRAILING_METRICS = ("added", "added_precision", "added_recall", "seconds", "seconds_vs_retrain", "ri_targets_used")
+
+
+# How "best" is judged per metric column, first match wins ("x*" matches every name starting with x):
+# "oracle" = closest to the oracle row of the same (dataset, C) table; "max" / "min" = highest / lowest;
+# None = not marked (bookkeeping). Metrics matching no rule are not marked either.
+CLOSEST_TO_ORACLE, HIGHEST, LOWEST = "oracle", "max", "min"
+BEST_RULES: tuple[tuple[str, str | None], ...] = (
+    ("target_acc", CLOSEST_TO_ORACLE), ("similar_acc", CLOSEST_TO_ORACLE), ("target_loss", CLOSEST_TO_ORACLE),
+    ("target_confidence", CLOSEST_TO_ORACLE), ("relearn_steps", CLOSEST_TO_ORACLE),
+    ("residual_influence*", CLOSEST_TO_ORACLE), ("mia_*", CLOSEST_TO_ORACLE), ("lira*", CLOSEST_TO_ORACLE),
+    ("ulira*", CLOSEST_TO_ORACLE), ("kl_*", CLOSEST_TO_ORACLE), ("js_*", CLOSEST_TO_ORACLE),
+    ("agreement_with_oracle*", CLOSEST_TO_ORACLE), ("weight_distance*", CLOSEST_TO_ORACLE),
+    ("reconstruction*", CLOSEST_TO_ORACLE), ("ssim*", CLOSEST_TO_ORACLE),
+    ("retain_acc", HIGHEST), ("test_acc", HIGHEST),
+    ("seconds", LOWEST), ("seconds_vs_retrain", LOWEST),
+    ("ri_targets_used", None), ("added*", None), ("targets", None),
+)
+# The rows that set the scale rather than compete: `original` is where unlearning starts, `oracle` where it should end.
+REFERENCE_METHODS = ("original", "oracle")
+BEST_NOTE = ("Bold marks the best value per column within each (dataset, C) table, among the methods other than "
+             "`original` and `oracle`: for forget-quality metrics (accuracy, loss and confidence on the targets and "
+             "near-duplicates, MIA/LiRA scores, divergences and distances to the oracle, residual influence, relearn "
+             "steps) the value closest to the oracle's; for `retain_acc` / `test_acc` the highest; for `seconds` / "
+             "`seconds_vs_retrain` the lowest. Means are compared as printed (3 decimals); ties are all marked, a column "
+             "where every method ties is not marked, and bookkeeping columns are never marked.")
 
 
 def _is_number(value: Any) -> bool:
@@ -139,6 +165,43 @@ def group_rows(summary: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, Any], li
     return out
 
 
+def best_rule(metric: str) -> str | None:
+    """How the best value of ``metric`` is judged (see :data:`BEST_RULES`); None: not marked."""
+    for pattern, rule in BEST_RULES:
+        if metric == pattern or (pattern.endswith("*") and metric.startswith(pattern[:-1])):
+            return rule
+    return None
+
+
+def best_cells(rows: Sequence[Mapping[str, Any]], metrics: Iterable[str], digits: int = 3) -> set[tuple[Any, str]]:
+    """(method, metric) pairs holding the best value of each column in one (dataset, C) group of summary rows.
+
+    Only methods other than :data:`REFERENCE_METHODS` compete, and a column needs two of them with a value.
+    Means are rounded to ``digits`` first, so cells that print alike are judged alike.
+    """
+    oracle = next((r for r in rows if r["method"] == "oracle"), None)
+    candidates = [r for r in rows if r["method"] not in REFERENCE_METHODS]
+    marked: set[tuple[Any, str]] = set()
+    for metric in metrics:
+        rule = best_rule(metric)
+        if rule is None:
+            continue
+        means = [(r["method"], round(metric_stat(r, metric)[0], digits)) for r in candidates]
+        means = [(m, v) for m, v in means if math.isfinite(v)]
+        if rule == CLOSEST_TO_ORACLE:
+            ref = round(metric_stat(oracle, metric)[0], digits)
+            if not math.isfinite(ref):
+                continue
+            scores = [(m, round(abs(v - ref), digits)) for m, v in means]
+        else:
+            scores = [(m, -v if rule == HIGHEST else v) for m, v in means]
+        if len(scores) < 2 or len({s for _, s in scores}) == 1:
+            continue  # nothing to compare against, or every method ties
+        best = min(s for _, s in scores)
+        marked |= {(m, metric) for m, s in scores if s == best}
+    return marked
+
+
 def format_c(similar: Any) -> str:
     """``10`` for 10 and 10.0 alike, so JSON round trips do not change labels."""
     if _is_number(similar) and math.isfinite(float(similar)) and float(similar).is_integer():
@@ -163,7 +226,8 @@ def _seed_count(rows: Sequence[Mapping[str, Any]]) -> int:
     return max((s["n"] for row in rows for s in row["metrics"].values()), default=0)
 
 
-def _heading(dataset: Any, similar: Any, rows: Sequence[Mapping[str, Any]]) -> str:
+def table_heading(dataset: Any, similar: Any, rows: Sequence[Mapping[str, Any]]) -> str:
+    """``digits-blockmask, similar=10 (3 seeds)``: the title of one (dataset, C) table."""
     seeds = _seed_count(rows)
     return f"{dataset}, similar={format_c(similar)} ({seeds} seed{'' if seeds == 1 else 's'})"
 
@@ -195,7 +259,8 @@ def format_table(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str] | 
     """One table per (dataset, similar) group: rows are methods, cells ``mean ± ci95``.
 
     ``style="text"`` aligns columns for a terminal; ``style="markdown"`` gives pipe tables under
-    ``###`` headings. ``metrics`` picks and orders the columns (default: :func:`ordered_metrics`).
+    ``###`` headings, with the best cell of each column in bold (:func:`best_cells`). ``metrics`` picks
+    and orders the columns (default: :func:`ordered_metrics`).
     """
     if style not in ("text", "markdown"):
         raise ValueError(f"style must be 'text' or 'markdown', got {style!r}")
@@ -204,8 +269,11 @@ def format_table(summary: Sequence[Mapping[str, Any]], metrics: Sequence[str] | 
     for (dataset, similar), rows in group_rows(summary).items():
         header = ["method", *cols]
         body = [[str(r["method"]), *(format_cell(r["metrics"].get(m)) for m in cols)] for r in rows]
-        heading = _heading(dataset, similar, rows)
+        heading = table_heading(dataset, similar, rows)
         if style == "markdown":
+            best = best_cells(rows, cols)
+            body = [[cell if j == 0 or (r["method"], cols[j - 1]) not in best else f"**{cell}**"
+                     for j, cell in enumerate(line)] for r, line in zip(rows, body)]
             blocks.append(f"### {heading}\n\n{_markdown_table(header, body)}")
         else:
             blocks.append(f"{heading}\n{_text_table(header, body)}")
