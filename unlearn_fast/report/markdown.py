@@ -70,7 +70,9 @@ over targets: 1 = the target's influence fully remains (as in `original`), 0 = a
 (as in `oracle`). Targets with |ℓ_oracle − ℓ_original| < {min_gap} nats carry no measurable influence
 and are left out (`ri_targets_used` counts the ones kept). `target_acc`, `similar_acc`, `retain_acc` and `test_acc`
 are accuracies on the targets, their near-duplicates, the retained training data and held-out
-test data; `mia_auc` is the AUC of a loss-threshold membership-inference attack. C (`similar`)
+test data; `mia_auc` is the AUC of a loss-threshold membership-inference attack;
+`ulira_accuracy_targets` is the per-target accuracy of U-LiRA, an attack that tells shadow models
+unlearned with the method from shadow models that never saw the target (0.5 = indistinguishable). C (`similar`)
 is the number of planted near-duplicates per target; C=0 is the no-near-duplicate control.
 Tables give the mean ± half-width of the 95% Student-t confidence interval over seeds.
 """
@@ -235,7 +237,7 @@ def _setup(records: Sequence[Mapping[str, Any]]) -> list[str]:
         recs = [r for r in records if r["dataset"] == dataset]
         parts = []
         for key, label in (("targets", "targets"), ("similar", "near-duplicates per target C"),
-                           ("model", "model"), ("seed", "seeds")):
+                           ("model", "model"), ("seed", "seeds"), ("shadows", "shadow models per seed and C")):
             vals = _values(recs, key)
             if vals:
                 shown = ", ".join(format_c(v) if key in ("targets", "similar") else str(v) for v in vals)
