@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 import unlearn_fast as uf
 from unlearn_fast.evaluate import Evaluation, ShadowEvidence, compute_metrics
 from unlearn_fast.evaluate.lira import lira_scores, logit_confidence, ulira_accuracy
-from unlearn_fast.shadows import balanced_membership, method_phi, shadow_phi, train_shadows
+from unlearn_fast.shadows import (
+    balanced_membership,
+    method_phi,
+    shadow_phi,
+    train_shadows,
+)
 
 NORMAL = torch.distributions.Normal(0.0, 1.0)
 

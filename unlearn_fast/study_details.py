@@ -17,7 +17,8 @@ per-target plot and image grids need per-sample values. The study keeps them for
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ def condition_details(dataset: str, copies: int, seed: int, data: SimilarDataset
         entry["near_duplicates"] = [_rounded(similar_x[[where[j] for j in data.similar.get(t, [])[:SHOWN_NEAR_DUPLICATES]]])
                                     for t in shown]
         if metrics & set(RECONSTRUCTION_METRICS):
-            from .evaluate.reconstruction import reconstructions  # noqa: PLC0415
+            from .evaluate.reconstruction import reconstructions
 
             entry["reconstructions"] = {name: _rounded(reconstructions(ev)[:len(shown)]) for name, ev in evaluations.items()}
     entry["mia_scores"] = {name: {"members": _rounded(-ev.outputs("targets").loss), "nonmembers": _rounded(-ev.outputs("test").loss)}
