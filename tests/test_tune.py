@@ -33,7 +33,8 @@ from unlearn_fast.tune import (
     tune_method,
 )
 
-ORACLE = {"target_acc": 0.9, "similar_acc": math.nan, "retain_acc": 1.0, "test_acc": 0.96, "mia_auc": 0.5}
+ORACLE = {"target_acc": 0.9, "similar_acc": math.nan, "retain_acc": 1.0, "test_acc": 0.96, "mia_auc": 0.5,
+          "js_to_oracle_targets": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,11 @@ def test_draws_reject_bad_input(method, trials, seed, message):
 
 
 def test_oracle_gap_by_hand():
-    model = {"target_acc": 0.8, "similar_acc": 0.3, "retain_acc": 0.97, "test_acc": 0.9, "mia_auc": 0.6}
-    # similar_acc is undefined for the oracle (no near-duplicates): skipped; the other four gaps
-    # are 0.1, 0.03, 0.06 and 0.1.
-    assert oracle_gap(model, ORACLE, TUNE_METRICS) == pytest.approx((0.1 + 0.03 + 0.06 + 0.1) / 4)
+    model = {"target_acc": 0.8, "similar_acc": 0.3, "retain_acc": 0.97, "test_acc": 0.9, "mia_auc": 0.6,
+             "js_to_oracle_targets": 0.05}
+    # similar_acc is undefined for the oracle (no near-duplicates): skipped; the other five gaps
+    # are 0.1, 0.03, 0.06, 0.1 and 0.05.
+    assert oracle_gap(model, ORACLE, TUNE_METRICS) == pytest.approx((0.1 + 0.03 + 0.06 + 0.1 + 0.05) / 5)
     assert oracle_gap(ORACLE, ORACLE, TUNE_METRICS) == 0.0
     assert oracle_gap({**model, "test_acc": math.nan}, ORACLE, TUNE_METRICS) == math.inf
     with pytest.raises(ValueError, match="missing"):
@@ -179,7 +181,7 @@ def test_load_tuned_rejects_duplicates_and_missing_paths(tuned, tmp_path):
 
 
 def test_failed_trials_score_inf_and_keep_their_error(monkeypatch):
-    setup = tune_module._Setup(1000, SimpleNamespace(forget_ids=[0]), None, dict(ORACLE), 0.0)
+    setup = tune_module._Setup(1000, SimpleNamespace(forget_ids=[0]), None, dict(ORACLE), 0.0, None)
 
     def diverge(model, ids, method, **options):
         raise FloatingPointError("overflow")
@@ -201,7 +203,7 @@ def _nan_linear() -> torch.nn.Module:
 
 
 def test_ties_go_to_the_defaults_and_all_failed_raises(monkeypatch, tmp_path):
-    monkeypatch.setattr(tune_module, "_setup", lambda *a: tune_module._Setup(1000, None, None, dict(ORACLE), 0.5))
+    monkeypatch.setattr(tune_module, "_setup", lambda *a: tune_module._Setup(1000, None, None, dict(ORACLE), 0.5, None))
     monkeypatch.setattr(tune_module, "_run_trial", lambda method, values, setups, dev: Trial(values, 0.25))
     result = tune_method("ssd", trials=4, progress=False, device="cpu")
     assert result.best_index == 0 and result.best.values == {"alpha": 1.5, "lam": 1.5}
