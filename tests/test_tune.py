@@ -41,7 +41,8 @@ ORACLE = {"target_acc": 0.9, "similar_acc": math.nan, "retain_acc": 1.0, "test_a
 def tuned(tmp_path_factory):
     """A real tiny search: finetune, 2 trials, 10 targets, written into a folder as finetune.json."""
     folder = tmp_path_factory.mktemp("tuned")
-    result = tune_method("finetune", trials=2, dataset_options={"targets": 10}, device="cpu", progress=False, out=folder)
+    result = tune_method("finetune", trials=2, dataset_options={"targets": 10}, quick=True, device="cpu", progress=False,
+                         out=folder)
     return result, folder / "finetune.json"
 
 
@@ -247,7 +248,7 @@ def test_cli_tune_passes_its_options_and_prints_the_choice(tuned, monkeypatch, c
     out = capsys.readouterr().out
     assert "0 (defaults)" in out and "finetune: epochs=" in out and "wrote" in out
     assert cli.main(["tune", "--method", "finetune", "--no-progress"]) == 0
-    assert seen["quick"] is True and str(seen["out"]) == "unlearn-fast-tuned/finetune.json"
+    assert seen["quick"] is False and str(seen["out"]) == "unlearn-fast-tuned/finetune.json"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -272,3 +273,19 @@ def test_cli_study_tuned(tuned, monkeypatch, tmp_path, capsys):
 
 def test_numpy_ints_are_accepted():
     assert len(draw_trials("ssd", np.int64(3), np.int64(2))) == 3
+
+
+def test_load_tuned_refuses_another_task_or_the_study_seeds(tuned, tmp_path):
+    _, path = tuned  # digits-blockmask, quick, tune seed 1000
+    assert load_tuned(path, dataset="digits-blockmask", quick=True, seeds=range(3)) == {"finetune": tuned[0].best.values}
+    with pytest.raises(ValueError, match="tuned with quick=True, the study runs quick=False"):
+        load_tuned(path, quick=False)
+    with pytest.raises(ValueError, match="tuned with dataset='digits-blockmask', the study runs dataset='mnist-blockmask'"):
+        load_tuned(path, dataset="mnist-blockmask")
+    with pytest.raises(ValueError, match=r"tune seeds \[1000\] are also study seeds"):
+        load_tuned(path, seeds=range(1001))
+
+
+def test_an_out_without_json_suffix_is_a_folder(tmp_path):
+    assert tune_module.tuned_path(tmp_path / "new_folder", "ssd") == tmp_path / "new_folder" / "ssd.json"
+    assert tune_module.tuned_path(tmp_path / "mine.json", "ssd") == tmp_path / "mine.json"

@@ -64,20 +64,26 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 @contextmanager
-def staged_files(folder: str | os.PathLike[str], names: tuple[str, ...]) -> Iterator[Path]:
+def staged_files(folder: str | os.PathLike[str], names: tuple[str, ...], remove_missing: bool = False) -> Iterator[Path]:
     """Yield a staging folder inside ``folder``; if the block succeeds, move ``names`` from it into ``folder``.
 
     Everything is produced before anything is replaced, so a failure anywhere leaves every earlier
     file in ``folder`` intact. Each move is an atomic rename; other files in ``folder`` are untouched.
+    With ``remove_missing``, a name the block did not produce is deleted from ``folder`` after the
+    moves, so no earlier run's file (a figure, per-sample details) is left beside the new results.
     """
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
     try:
         yield staging
-        for name in names:
-            if (staging / name).exists():
-                os.replace(staging / name, target / name)
+        produced = [name for name in names if (staging / name).exists()]
+        for name in produced:
+            os.replace(staging / name, target / name)
+        if remove_missing:
+            for name in set(names) - set(produced):
+                if (target / name).exists():
+                    (target / name).unlink()
         _fsync_dir(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -50,8 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="search a method's hyperparameters for the values closest to the oracle",
                           description="Train the study's `original` and `oracle` on tune seeds of its own, run the method's "
                                       "registered defaults and seeded draws from its search space, and keep the values "
-                                      "whose target, near-duplicate, retain and test accuracy and MIA AUC are closest to "
-                                      "the oracle's. `study --tuned` reads the file it writes.")
+                                      "whose target, near-duplicate, retain and test accuracy, MIA AUC and divergence from the "
+                                      "oracle's predictions on the targets are closest to the oracle's. `study --tuned` reads "
+                                      "the file it writes.")
     tune.add_argument("--method", required=True, help=f"one of: {', '.join(SEARCH_SPACES)}")
     tune.add_argument("--trials", type=int, default=12, help="trials, the defaults included (default: %(default)s)")
     tune.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
@@ -62,9 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="near-duplicates per target; 0 makes the oracle retrain, an unambiguous target (default: %(default)s)")
     _add_data_arguments(tune)
     speed = tune.add_mutually_exclusive_group()
-    speed.add_argument("--quick", dest="quick", action="store_true", default=True,
-                       help="train `original` as `study --quick` does (default)")
-    speed.add_argument("--full", dest="quick", action="store_false", help="train `original` with the full recipe, as `study`")
+    speed.add_argument("--quick", dest="quick", action="store_true", default=False,
+                       help="train `original` as `study --quick` does (for `study --quick --tuned`)")
+    speed.add_argument("--full", dest="quick", action="store_false", help="train `original` with the full recipe, as `study` (default)")
     tune.add_argument("--out", default=None, metavar="PATH",
                       help=f"result file, or a folder for METHOD.json (default: {DEFAULT_TUNED_DIR}/METHOD.json)")
     _add_run_arguments(tune)
@@ -109,7 +110,8 @@ def _study(args: argparse.Namespace) -> int:
     from .study import run_study
     from .tune import load_tuned
 
-    tuned = None if args.tuned is None else load_tuned(args.tuned)
+    tuned = None if args.tuned is None else load_tuned(args.tuned, dataset=args.dataset, quick=args.quick,
+                                                         seeds=range(max(args.seeds, 0)))
     records = run_study(dataset=args.dataset, methods=args.methods, seeds=args.seeds, similar=args.similar,
                         quick=args.quick, out=args.out, device=args.device, progress=not args.no_progress,
                         dataset_options=_dataset_options(args), method_options=tuned,

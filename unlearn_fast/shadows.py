@@ -34,6 +34,7 @@ from .validation import check_positive_int
 # Shadow s of study seed k draws its init, data order and membership from this offset + 100·k + s,
 # so no shadow repeats the original's (seed k) or another study seed's draws.
 SHADOW_SEED_OFFSET = 10_000
+MAX_SHADOWS = 100  # beyond it shadow seeds of one study seed would run into the next one's
 SPLITS_WITH_SHADOWS = ("targets", "similar")
 # Held-out samples, members of no model: LiRA calibrates each model's overall confidence on them.
 CALIBRATION_SPLIT = "test"
@@ -87,6 +88,8 @@ def train_shadows(data: SimilarDataset, model_name: str, recipe: dict[str, Any],
     """
     count = check_positive_int(count, "shadows", minimum=LIRA_MIN_SHADOWS,
                                hint=f"the per-example attacks need at least {LIRA_MIN_SHADOWS} shadow models")
+    if count > MAX_SHADOWS:
+        raise ValueError(f"shadows={count}: at most {MAX_SHADOWS} (shadow seeds are {SHADOW_SEED_OFFSET} + 100·seed + s)")
     base_seed = SHADOW_SEED_OFFSET + 100 * seed
     member = balanced_membership(count, len(data.forget_ids), base_seed)
     inputs, labels = as_tensors(data.train)

@@ -31,6 +31,7 @@ from .methods import METHODS, unlearn
 from .methods.expansion import SIMILAR_SUFFIX, expansion_quality, similar_base
 from .models import build_model
 from .report.summary import RESULTS_SCHEMA_VERSION
+from .shadows import MAX_SHADOWS
 from .shadows import evidence as shadow_evidence, method_phi, shadow_phi, train_shadows
 from .study_details import DETAILS_SCHEMA_VERSION, condition_details
 from .study_models import QUICK_EPOCH_DIVISOR, study_recipe, train_original  # noqa: F401  (QUICK_EPOCH_DIVISOR: re-exported)
@@ -205,11 +206,11 @@ def run_study(
     tuned = check_method_options(method_options)
     shadows = (0 if quick else DEFAULT_SHADOWS) if shadows is None else check_positive_int(
         shadows, "shadows", minimum=0, hint=f"0 (off) or at least {ULIRA_MIN_SHADOWS} for U-LiRA")
-    if 0 < shadows < LIRA_MIN_SHADOWS:
-        raise ValueError(f"shadows={shadows}: LiRA needs at least {LIRA_MIN_SHADOWS} shadow models "
-                         f"(U-LiRA {ULIRA_MIN_SHADOWS}); give 0 to turn the shadow-model metrics off")
+    if 0 < shadows < LIRA_MIN_SHADOWS or shadows > MAX_SHADOWS:
+        raise ValueError(f"shadows={shadows}: LiRA needs at least {LIRA_MIN_SHADOWS} shadow models (U-LiRA "
+                         f"{ULIRA_MIN_SHADOWS}), at most {MAX_SHADOWS}; give 0 to turn the shadow-model metrics off")
     default_metrics = [*(m for m in DEFAULT_METRICS if not (quick and m in QUICK_SKIPPED_METRICS)),
-                       *(SHADOW_METRICS if shadows else ())]
+                       *(m for m in SHADOW_METRICS if shadows >= (ULIRA_MIN_SHADOWS if m.startswith("ulira") else LIRA_MIN_SHADOWS))]
     metric_names = as_list(default_metrics if metrics is None else metrics, "metrics", str)
     for name in metric_names:
         METRICS.get(name)
@@ -275,8 +276,10 @@ def write_results(out_dir: Path, records: list[dict[str, Any]], details: dict[st
     from .report import DETAILS_NAME, REPORT_FILES, build_report
 
     safe = [{k: _json_safe(v) for k, v in r.items()} for r in records]
-    names = ("results.json", "results.csv", *((DETAILS_NAME,) if details is not None else ()), *REPORT_FILES)
-    with atomic_io.staged_files(out_dir, names) as staging:
+    # The study owns these names: one it does not write this time (details, a figure) is removed, so
+    # the folder never mixes this run's results with an earlier run's evidence.
+    names = ("results.json", "results.csv", DETAILS_NAME, *REPORT_FILES)
+    with atomic_io.staged_files(out_dir, names, remove_missing=True) as staging:
         atomic_io.write_json(staging / "results.json", safe)
         if details is not None:
             atomic_io.write_json(staging / DETAILS_NAME, details)

@@ -201,9 +201,10 @@ def _run_trial(method: str, values: dict[str, Any], setups: list[_Setup], device
 
 
 def tuned_path(out: str | os.PathLike[str], method: str) -> Path:
-    """Where the result goes: ``out`` itself, or ``out/<method>.json`` when ``out`` is a folder."""
+    """Where the result goes: ``out`` itself when it names a .json file, else ``out/<method>.json``."""
     path = Path(out)
-    if path.is_dir():
+    # A folder, existing or not: anything not named *.json (``Path`` drops a trailing slash).
+    if path.is_dir() or path.suffix.lower() != ".json":
         return path / f"{method}.json"
     if path.parent.exists() and not path.parent.is_dir():
         raise ValueError(f"out={str(path)!r}: {path.parent} is not a folder")
@@ -227,7 +228,7 @@ def tune_method(
     seed: int = 0,
     similar: int = 0,
     tune_seeds: Iterable[int] = DEFAULT_TUNE_SEEDS,
-    quick: bool = True,
+    quick: bool = False,
     device: str | torch.device = "auto",
     progress: bool = True,
     out: str | os.PathLike[str] | None = None,
@@ -243,7 +244,8 @@ def tune_method(
         similar: near-duplicates per target, C. With the default 0, the oracle is ``retrain``, an
             unambiguous target; with C > 0 the method is tuned to match the oracle that also drops the copies.
         tune_seeds: dataset/training seeds the objective is averaged over (not the study's 0 .. S-1).
-        quick: train ``original`` with the study's ``--quick`` recipe (as ``unlearn-fast study --quick``).
+        quick: train ``original`` with the study's ``--quick`` recipe (as ``unlearn-fast study --quick``);
+            the default is the full recipe, as the default study's, since ``study --tuned`` refuses a mismatch.
         out: a JSON file, or a folder for ``<method>.json``, written atomically (None: not written).
         dataset_options: passed to :func:`unlearn_fast.load_dataset` (e.g. ``targets``); not
             ``seed`` or ``copies``, which ``tune_seeds`` and ``similar`` set.
@@ -308,8 +310,8 @@ def _tuned_files(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     return files
 
 
-def _read_tuned(path: Path) -> tuple[str, dict[str, Any]]:
-    """(method, chosen values) of one result file; ValueError naming the file on anything malformed."""
+def _read_tuned(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(method, chosen values, the whole file) of one result file; ValueError naming the file on anything malformed."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -327,20 +329,38 @@ def _read_tuned(path: Path) -> tuple[str, dict[str, Any]]:
         METHODS.resolve_hyper(method, best["values"])  # unknown method or option raises, naming the valid ones
     except ValueError as exc:
         raise ValueError(f"tuned file {path}: {exc}") from None
-    return method, dict(best["values"])
+    return method, dict(best["values"]), doc
 
 
-def load_tuned(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> dict[str, dict[str, Any]]:
+def _check_task(path: Path, doc: dict[str, Any], dataset: str | None, quick: bool | None, seeds: Iterable[int] | None) -> None:
+    """Values tuned on another task, or on the seeds they are to be evaluated on, are refused."""
+    for field_name, expected in (("dataset", dataset), ("quick", quick)):
+        if expected is not None and doc.get(field_name) != expected:
+            hint = " (run `unlearn-fast tune` with --full or --quick to match the study)" if field_name == "quick" else ""
+            raise ValueError(f"tuned file {path}: tuned with {field_name}={doc.get(field_name)!r}, the study runs "
+                             f"{field_name}={expected!r}{hint}")
+    if seeds is not None:
+        shared = sorted(set(doc.get("tune_seeds") or []) & set(seeds))
+        if shared:
+            raise ValueError(f"tuned file {path}: tune seeds {shared} are also study seeds; tune on other seeds "
+                             "(--tune-seeds) so the values are not fitted to the seeds that evaluate them")
+
+
+def load_tuned(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, dataset: str | None = None,
+               quick: bool | None = None, seeds: Iterable[int] | None = None) -> dict[str, dict[str, Any]]:
     """``{method: {option: value}}`` from result files of :func:`tune_method` (or folders of them).
 
     The output is what :func:`unlearn_fast.study.run_study` takes as ``method_options``. Raises
     ValueError, naming the file, for a malformed file, another schema version, an unknown method
-    or option, or two files for one method.
+    or option, or two files for one method. Given the study's ``dataset``, ``quick`` and ``seeds``,
+    it also refuses values tuned on another dataset or recipe, or on one of those seeds.
     """
     chosen: dict[str, dict[str, Any]] = {}
     source: dict[str, Path] = {}
+    seeds = None if seeds is None else list(seeds)
     for path in _tuned_files(paths):
-        method, values = _read_tuned(path)
+        method, values, doc = _read_tuned(path)
+        _check_task(path, doc, dataset, quick, seeds)
         if method in chosen:
             raise ValueError(f"two tuned files for method {method!r}: {source[method]} and {path}; give one")
         chosen[method], source[method] = values, path

@@ -113,7 +113,7 @@ def ulira_accuracy(phi: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     ``phi`` [S, n]: logit-scaled confidence of each shadow after the unlearning method ran on it;
     ``member`` [S, n]: the sample was in that shadow's training data (and so was unlearned) rather
     than never seen. For each shadow s, Gaussians of both kinds are fitted on other shadows, with as
-    many models of each kind (one of the other kind is set aside with s); shadow s's own φ is then
+    many models of each kind (the larger kind's surplus is set aside with s); shadow s's own φ is then
     classified by the larger likelihood (ties count ½), and the accuracy averages over shadows.
     0.5: unlearned and never-seen models are indistinguishable.
     """
@@ -122,12 +122,14 @@ def ulira_accuracy(phi: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     correct = torch.full_like(observed, math.nan)
     rows = torch.arange(member.shape[0])[:, None]
     for s in range(member.shape[0]):
-        # Leaving shadow s out would leave its own kind one model short for each sample, and a mean
-        # fitted on fewer models sits farther from a fresh draw: under no signal the attack would then
-        # score below 0.5. Dropping one model of the other kind too keeps both fits the same size.
-        other_kind = (member != member[s]) & (rows != s)
-        partner = torch.where(other_kind, rows, member.shape[0]).min(0).values
-        keep = (rows != s) & (rows != partner)
+        # Leaving shadow s out would leave its own kind one model short for each sample (and with odd
+        # S the kinds differ by one already), and a mean fitted on fewer models sits farther from a
+        # fresh draw: under no signal the attack would score away from 0.5. So each sample keeps the
+        # first k models of each kind, k the smaller count.
+        others = rows != s
+        inside, outside = member & others, ~member & others
+        k = torch.minimum(inside.sum(0), outside.sum(0))
+        keep = (inside & (inside.cumsum(0) <= k)) | (outside & (outside.cumsum(0) <= k))
         mu_u, var_u = gaussian_fit(observed, member & keep)
         mu_n, var_n = gaussian_fit(observed, ~member & keep)
         llr = _log_normal(observed[s], mu_u, var_u) - _log_normal(observed[s], mu_n, var_n)
