@@ -112,6 +112,20 @@ def test_ssim_agrees_with_scikit_image(shape, seed):
         assert ours[i].item() == pytest.approx(float(theirs), abs=1e-10)
 
 
+def test_ssim_matches_values_recorded_from_scikit_image():
+    # scikit-image 0.26.0, structural_similarity(a, b, data_range=1.0, channel_axis=0) on these seeded
+    # images (numpy's PCG64 stream is stable across versions): the check runs where scikit-image is absent.
+    import numpy as np
+
+    recorded = {(1, 8, 8): 0.89455666914469, (3, 9, 13): 0.9174897366180983, (2, 28, 28): 0.9300892184021269}
+    rng = np.random.default_rng(2026)
+    for shape, theirs in recorded.items():
+        a = rng.random(shape)
+        b = np.clip(a + 0.3 * rng.random(shape), 0, 1)
+        ours = ssim(torch.from_numpy(a)[None], torch.from_numpy(b)[None])
+        assert ours.item() == pytest.approx(theirs, abs=1e-10)
+
+
 # ------------------------------------------------------------------------------------------------ invert
 
 
