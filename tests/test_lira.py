@@ -182,3 +182,12 @@ def test_study_runs_the_attacks_on_shadows(tmp_path):
     assert set(condition["ulira_accuracy"]) == {"original", "retrain", "oracle", "finetune"}
     assert all(len(v) == 6 for v in condition["ulira_accuracy"].values())
     assert uf.load_dataset("digits-blockmask", targets=6, copies=3, seed=0).forget_ids == condition["target_ids"]
+
+
+def test_two_shadows_give_lira_without_ulira():
+    from unlearn_fast.study import run_study
+
+    records = run_study(methods=["finetune"], seeds=1, similar=[3], quick=True, shadows=2, progress=False,
+                        dataset_options={"targets": 6})
+    assert all("lira_member_rate_targets" in r and "ulira_accuracy_targets" not in r for r in records)
+    assert {r["shadows"] for r in records} == {2}

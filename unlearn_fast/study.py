@@ -97,6 +97,11 @@ def check_method_options(method_options: Any) -> dict[str, dict[str, Any]]:
     return {m: dict(o) for m, o in method_options.items()}
 
 
+def _shadows_needed(metric: str) -> int:
+    """Fewest shadow models a shadow metric works with (U-LiRA's leave-one-out needs more than LiRA)."""
+    return ULIRA_MIN_SHADOWS if metric.startswith("ulira") else LIRA_MIN_SHADOWS
+
+
 def _shadow_work(methods: list[str], shadows: int) -> int:
     """Progress-bar units of one condition's shadow work: S trainings, then S per method run on them."""
     return shadows * (1 + len(methods)) if shadows else 0
@@ -210,14 +215,15 @@ def run_study(
         raise ValueError(f"shadows={shadows}: LiRA needs at least {LIRA_MIN_SHADOWS} shadow models (U-LiRA "
                          f"{ULIRA_MIN_SHADOWS}), at most {MAX_SHADOWS}; give 0 to turn the shadow-model metrics off")
     default_metrics = [*(m for m in DEFAULT_METRICS if not (quick and m in QUICK_SKIPPED_METRICS)),
-                       *(m for m in SHADOW_METRICS if shadows >= (ULIRA_MIN_SHADOWS if m.startswith("ulira") else LIRA_MIN_SHADOWS))]
+                       *(m for m in SHADOW_METRICS if shadows >= _shadows_needed(m))]
     metric_names = as_list(default_metrics if metrics is None else metrics, "metrics", str)
     for name in metric_names:
         METRICS.get(name)
-    wants_shadows = [m for m in metric_names if m in SHADOW_METRICS]
-    if wants_shadows and shadows < (ULIRA_MIN_SHADOWS if "ulira_accuracy_targets" in wants_shadows else LIRA_MIN_SHADOWS):
-        raise ValueError(f"metrics {wants_shadows} need shadow models: give shadows >= "
-                         f"{ULIRA_MIN_SHADOWS if 'ulira_accuracy_targets' in wants_shadows else LIRA_MIN_SHADOWS} (got {shadows})")
+    needed = max((_shadows_needed(m) for m in metric_names if m in SHADOW_METRICS), default=0)
+    if shadows < needed:
+        raise ValueError(f"metrics {[m for m in metric_names if m in SHADOW_METRICS]} need shadow models: give "
+                         f"shadows >= {needed} (got {shadows})")
+    shadows = shadows if needed else 0  # no shadow metric asked for: train none
     default_copies = options.pop("copies", DATASETS.get(dataset).defaults["copies"])
     conditions = list(dict.fromkeys(as_list([default_copies, 0] if similar is None else similar, "similar", (int, np.integer))))
     if not conditions:
@@ -235,7 +241,7 @@ def run_study(
         for seed in range(seeds):
             for copies in conditions:
                 rows, detail = _run_one_condition(dataset, seed, copies, method_names, metric_names, quick, dev, options,
-                                                  bar, tuned, shadows if wants_shadows else 0, keep_details=seed == 0)
+                                                  bar, tuned, shadows, keep_details=seed == 0)
                 records += rows
                 details += [detail] if detail is not None else []
     if out_dir is not None:
