@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import sys
 import time
@@ -269,10 +268,6 @@ def _prepare_out(out: str | os.PathLike[str] | None) -> Path | None:
     return path
 
 
-def _json_safe(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def write_results(out_dir: Path, records: list[dict[str, Any]], details: dict[str, Any] | None = None) -> None:
     """Write results.json, results.csv, details.json (when given) and the report (REPORT_FILES).
 
@@ -281,7 +276,7 @@ def write_results(out_dir: Path, records: list[dict[str, Any]], details: dict[st
     """
     from .report import DETAILS_NAME, REPORT_FILES, build_report
 
-    safe = [{k: _json_safe(v) for k, v in r.items()} for r in records]
+    safe = atomic_io.json_safe(records)
     # The study owns these names: one it does not write this time (details, a figure) is removed, so
     # the folder never mixes this run's results with an earlier run's evidence.
     names = ("results.json", "results.csv", DETAILS_NAME, *REPORT_FILES)

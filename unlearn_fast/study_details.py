@@ -31,15 +31,14 @@ SHOWN_TARGETS = 6          # image-grid rows: enough to see a pattern, small eno
 SHOWN_NEAR_DUPLICATES = 3  # per target
 
 
-def _rounded(values: torch.Tensor) -> list[Any]:
+def _rounded(values: torch.Tensor) -> Any:
     """Nested lists of floats with 5 significant digits (NaN/inf → None), to keep the file small."""
-    def one(x: float) -> float | None:
+    def nested(x: Any) -> Any:
+        if isinstance(x, list):
+            return [nested(v) for v in x]
         return float(f"{x:.5g}") if math.isfinite(x) else None
 
-    flat = values.detach().double().cpu()
-    if flat.dim() == 0:
-        return one(float(flat))  # type: ignore[return-value]
-    return [_rounded(row) if row.dim() else one(float(row)) for row in flat]
+    return nested(values.detach().double().cpu().tolist())
 
 
 def condition_details(dataset: str, copies: int, seed: int, data: SimilarDataset, evaluations: dict[str, Evaluation],

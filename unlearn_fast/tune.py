@@ -94,7 +94,7 @@ class TuneResult:
 
     def to_json(self) -> dict[str, Any]:
         """The result file's content (non-finite numbers as null)."""
-        return _json_safe({
+        return atomic_io.json_safe({
             "schema_version": TUNE_SCHEMA_VERSION, "method": self.method, "dataset": self.dataset,
             "similar": self.similar, "tune_seeds": self.tune_seeds, "quick": self.quick, "seed": self.seed,
             "dataset_options": self.dataset_options,
@@ -103,14 +103,6 @@ class TuneResult:
             "best": {"values": self.best.values, "objective": self.best.objective},
             "defaults_objective": self.defaults_objective, "original_objective": self.original_objective,
         })
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def oracle_gap(metrics: Mapping[str, float], oracle_metrics: Mapping[str, float], names: Iterable[str]) -> float:

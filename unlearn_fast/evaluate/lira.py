@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .evaluation import Evaluation
-from .metrics import METRICS
+from .metrics import METRICS, mean_or_nan
 
 SHADOW_METRICS = ("lira_member_rate_targets", "lira_member_rate_similar", "ulira_accuracy_targets")
 LIRA_MIN_SHADOWS = 2   # one "in" and one "out" model per sample
@@ -192,8 +192,7 @@ def ulira_per_target(ev: Evaluation) -> torch.Tensor:
 def _register_lira(split: str) -> None:
     def member_rate(ev: Evaluation) -> float:
         scores = lira_per_sample(ev, split)
-        kept = scores[~torch.isnan(scores)]
-        return float((kept > 0).double().mean()) if kept.numel() else math.nan
+        return mean_or_nan((scores[~torch.isnan(scores)] > 0).double())
 
     member_rate.__doc__ = (f"Per-example LiRA on the {split} split: the fraction whose likelihood ratio says 'member' "
                            "(shadows trained with vs without each target and its near-duplicates). Compare with the "
@@ -213,5 +212,4 @@ def ulira_accuracy_targets(ev: Evaluation) -> float:
     (and unlearned other targets the same way). 0.5 is ideal; ``original``'s row (no unlearning) is
     the attack's power."""
     values = ulira_per_target(ev)
-    kept = values[~torch.isnan(values)]
-    return float(kept.mean()) if kept.numel() else math.nan
+    return mean_or_nan(values[~torch.isnan(values)])

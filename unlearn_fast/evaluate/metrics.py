@@ -12,13 +12,14 @@ from .evaluation import Evaluation
 METRICS: Registry = Registry("metric")
 
 
-def _mean(values: torch.Tensor) -> float:
+def mean_or_nan(values: torch.Tensor) -> float:
+    """Mean of ``values`` [n] as a float; NaN when n = 0 (a metric undefined for an empty split)."""
     return float(values.mean()) if values.numel() else math.nan
 
 
 def _register_accuracy(split: str) -> None:
     def accuracy(ev: Evaluation) -> float:
-        return _mean(ev.outputs(split).correct)
+        return mean_or_nan(ev.outputs(split).correct)
 
     METRICS.register(f"{split.removesuffix('s')}_acc", description=f"top-1 accuracy on the {split} split")(accuracy)
 
@@ -30,13 +31,13 @@ for _split in ("targets", "similar", "retain", "test"):
 @METRICS.register("target_loss")
 def target_loss(ev: Evaluation) -> float:
     """Mean per-sample loss on the forget targets."""
-    return _mean(ev.outputs("targets").loss)
+    return mean_or_nan(ev.outputs("targets").loss)
 
 
 @METRICS.register("target_confidence")
 def target_confidence(ev: Evaluation) -> float:
     """Mean softmax probability of the true label on the forget targets."""
-    return _mean(ev.outputs("targets").confidence)
+    return mean_or_nan(ev.outputs("targets").confidence)
 
 
 def loss_threshold_auc(member_loss: torch.Tensor, nonmember_loss: torch.Tensor) -> float:
@@ -86,7 +87,7 @@ def residual_influence(ev: Evaluation) -> float:
     none left the value is NaN.
     """
     values = _ri_values(ev)
-    return _mean(values[~torch.isnan(values)])
+    return mean_or_nan(values[~torch.isnan(values)])
 
 
 @METRICS.register("residual_influence_median")

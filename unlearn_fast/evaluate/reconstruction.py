@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modes import eval_mode
+from ..validation import check_number, check_positive_int
 from .evaluation import Evaluation
-from .metrics import METRICS
+from .metrics import METRICS, mean_or_nan
 from .ssim import ssim
 
 # Defaults, measured on digits-blockmask (8 × 8 in [0, 1]; the study's MLP after its full recipe; 50 targets):
@@ -77,13 +78,10 @@ def _check_invert_args(labels: torch.Tensor, image_shape: Sequence[int], steps: 
     if isinstance(image_shape, (str, bytes)) or not isinstance(image_shape, Sequence) or len(image_shape) != 3 \
             or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in image_shape):
         raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {image_shape!r}")
-    for name, value, low in (("steps", steps, 0), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}={value!r} must be an int >= {low}")
-    for name, value, positive in (("lr", lr, True), ("tv_weight", tv_weight, False)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < 0 or (positive and value == 0):
-            raise ValueError(f"{name}={value!r} must be a finite number {'>' if positive else '>='} 0")
+    check_positive_int(steps, "steps", minimum=0)
+    check_positive_int(seed, "seed", minimum=0)
+    check_number(lr, "lr", low_open=True)
+    check_number(tv_weight, "tv_weight")
     try:
         low, high = (float(v) for v in value_range)
     except (TypeError, ValueError):
@@ -184,10 +182,6 @@ def reconstruction_ssim_per_target(ev: Evaluation, metric: str = "reconstruction
     return ssim(reconstructions(ev), inputs, data_range=high - low)
 
 
-def _mean(values: torch.Tensor) -> float:
-    return float(values.mean()) if values.numel() else math.nan
-
-
 @METRICS.register("reconstruction_ssim_targets")
 def reconstruction_ssim_targets(ev: Evaluation) -> float:
     """Mean over targets of SSIM(model inversion for the target's label, target image); no reference.
@@ -195,7 +189,7 @@ def reconstruction_ssim_targets(ev: Evaluation) -> float:
     Higher means the inversion recovers more of the targets; compare with the oracle's value (or
     read ``reconstruction_ssim_gap_to_oracle``), since the class alone already gives some SSIM.
     """
-    return _mean(reconstruction_ssim_per_target(ev))
+    return mean_or_nan(reconstruction_ssim_per_target(ev))
 
 
 @METRICS.register("reconstruction_ssim_gap_to_oracle")
@@ -205,7 +199,7 @@ def reconstruction_ssim_gap_to_oracle(ev: Evaluation) -> float:
     their near-duplicates; > 0 = residual."""
     name = "reconstruction_ssim_gap_to_oracle"
     oracle = ev.reference("oracle", name)
-    return _mean(reconstruction_ssim_per_target(ev, name)) - _mean(reconstruction_ssim_per_target(oracle, name))
+    return mean_or_nan(reconstruction_ssim_per_target(ev, name)) - mean_or_nan(reconstruction_ssim_per_target(oracle, name))
 
 
 __all__ = [

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_auc_score, roc_curve
+import torch
+from sklearn.metrics import roc_curve
 
+from ..evaluate.mia import threshold_auc
 from .details import Condition, Details
 from .plots import _save
 
@@ -71,8 +73,8 @@ def plot_mia_roc(conditions: Sequence[Condition], path: str | os.PathLike[str]) 
             fpr, tpr, _ = roc_curve(truth, scores)
             color, line = styles[name]
             width = 2.0 if name in _REF_STYLE else 1.2
-            ax.plot(fpr, tpr, color=color, linestyle=line, linewidth=width,
-                    label=f"{name} (AUC {roc_auc_score(truth, scores):.2f})")
+            auc = threshold_auc(torch.as_tensor(members), torch.as_tensor(nonmembers))  # the metrics' one AUC
+            ax.plot(fpr, tpr, color=color, linestyle=line, linewidth=width, label=f"{name} (AUC {auc:.2f})")
         ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="chance")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
