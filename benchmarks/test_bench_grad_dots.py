@@ -36,6 +36,7 @@ from torch import nn
 from func_peer import FUNC_CHUNK, func_per_sample_chunks
 
 from unlearn_fast.influence.per_sample import grad_dots
+from unlearn_fast.kernels.cpu_gemm import matmul_nt
 
 MLP_GROUP = "grad_dots MLP 1024-1024-10 B=256 K=8"
 SEQ_GROUP = "grad_dots sequences T=128 d=768 B=8 K=4"
@@ -117,7 +118,8 @@ def opacus_dots(gsm, batch, vectors):
 
 def floor_dots(model, batch, vectors):
     """The floor: one forward+backward of Σℓ_i w.r.t. the parameters, plus per Linear one GEMM
-    [B·T, d_in] @ [d_in, K·d_out] (the size of the factored dot contraction)."""
+    [B·T, d_in] @ [d_in, K·d_out] (the size of the factored dot contraction), through the same CPU
+    GEMM routine as ours (``kernels.cpu_gemm.matmul_nt``: oneDNN where it is faster than MKL)."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     inputs: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
@@ -132,7 +134,7 @@ def floor_dots(model, batch, vectors):
     gemms = []
     for name, m in linears:
         d_in = m.in_features
-        gemms.append(inputs[name].reshape(-1, d_in) @ vectors[f"{name}.weight"].reshape(-1, d_in).T)
+        gemms.append(matmul_nt(inputs[name].reshape(-1, d_in), vectors[f"{name}.weight"].reshape(-1, d_in)))
     return grads, gemms
 
 

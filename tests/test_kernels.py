@@ -74,6 +74,16 @@ def ref(op, *args):
     return getattr(torch_path, op)(*up)
 
 
+def ref_error(got: torch.Tensor, op: str, *args) -> float:
+    """‖got − ref‖ relative to ``op`` on the inputs' magnitudes: the sum of |products| that float
+    rounding scales with. Relative to ‖ref‖ alone, a sum that cancels to ~1e-4 of its terms (hypothesis
+    found one, b=1 t=2 d_in=1 d_out=2) fails on rounding no float32 product can avoid."""
+    magnitudes = [x.abs() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
+    scale = ref(op, *magnitudes).double().norm().clamp_min(1e-30)
+    assert torch.isfinite(got).all(), "a kernel produced non-finite values from finite inputs"
+    return ((got.double() - ref(op, *args).double()).norm() / scale).item()
+
+
 shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 40), st.integers(1, 40),
                    st.integers(1, 3), st.sampled_from(DTYPES), st.sampled_from(["none", "bool", "float"]),
                    st.integers(0, 2**16))
@@ -91,10 +101,10 @@ def test_dots_norms_and_weighted_sums_match_the_reference(case):
     # Fractional mask weights scale G's tiles before the product, where the tensor-core operands are
     # rounded back to the input dtype; 0/1 masks and float32 stay exact.
     exact = EXACT if mask_kind != "float" or dtype == torch.float32 else TOLERANCE[dtype]
-    assert rel_error(triton_path.linear_dots(a, g, v, mask), ref("linear_dots", a, g, v, mask)) < exact
-    assert rel_error(triton_path.linear_sq_norms(a, g, mask), ref("linear_sq_norms", a, g, mask)) < exact
+    assert ref_error(triton_path.linear_dots(a, g, v, mask), "linear_dots", a, g, v, mask) < exact
+    assert ref_error(triton_path.linear_sq_norms(a, g, mask), "linear_sq_norms", a, g, mask) < exact
     got = triton_path.linear_weighted_sum(a, g, c, mask)
-    assert rel_error(got, ref("linear_weighted_sum", a, g, c, mask)) < TOLERANCE[dtype]
+    assert ref_error(got, "linear_weighted_sum", a, g, c, mask) < TOLERANCE[dtype]
 
 
 @settings(max_examples=EXAMPLES * 3 // 5, deadline=None)
@@ -106,7 +116,7 @@ def test_cross_dots_match_the_reference(b1, b2, t1, t2, d_in, d_out, dtype, mask
     m1 = make_mask("bool", b1, t1, seed) if masked else None
     m2 = make_mask("float", b2, t2, seed) if masked else None
     got = triton_path.linear_cross_dots(a1, g1, a2, g2, m1, m2)
-    assert rel_error(got, ref("linear_cross_dots", a1, g1, a2, g2, m1, m2)) < EXACT  # masks weight the Grams in float32
+    assert ref_error(got, "linear_cross_dots", a1, g1, a2, g2, m1, m2) < EXACT  # masks weight the Grams in float32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -117,7 +127,7 @@ def test_cross_dots_ghost_kernel_on_longer_sequences(dtype):
     m1, m2 = make_mask("bool", 2, 17, 1), make_mask("float", 3, 21, 2)
     for masks in ((None, None), (m1, m2)):
         got = triton_path.linear_cross_dots(a1, g1, a2, g2, *masks)
-        assert rel_error(got, ref("linear_cross_dots", a1, g1, a2, g2, *masks)) < EXACT
+        assert ref_error(got, "linear_cross_dots", a1, g1, a2, g2, *masks) < EXACT
 
 
 @pytest.mark.parametrize("t, d_in, d_out", [(1, 33, 17), (20, 70, 3), (3, 70, 50), (37, 60, 64), (40, 5, 6)])
