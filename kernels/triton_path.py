@@ -30,8 +30,9 @@ def _precision(dtype: torch.dtype) -> str:
 # when TF32 is off. The defaults follow one H100 run (2026-11-23, benchmarks/RESULTS.md run B): the
 # "new" bundle (stored-order tiles, d_out-first dots, tf32x3) won or tied except for the 16-bit weighted
 # sum (1.6× slower, so it keeps transposed-pointer tiles) and fp32 built-order dots (1.16× slower,
-# kept so that float32 has one precision). The autotune key does not include these flags, so each
-# variant ran with the configs tuned for the first one timed: a bias that run B did not remove.
+# kept so that float32 has one precision). In run B the autotune key did not include these flags, so
+# each variant ran with the configs tuned for the first one timed; the keys now include them (each
+# variant is tuned on its own), which no GPU run has timed yet.
 _ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUT: dict[str, object] = {
     "dots_trans": dict.fromkeys(_ALL_DTYPES, True),
