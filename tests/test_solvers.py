@@ -152,3 +152,49 @@ def test_bad_arguments_name_the_choices(monkeypatch):
     monkeypatch.setattr(solvers, "EXACT_MAX_PARAMS", 10)
     with pytest.raises(ValueError, match="EXACT_MAX_PARAMS=10.*solver='cg'"):
         solve(model, "cross_entropy", (x, y), b, solver="exact", damping=1e-2)
+
+
+class _DriftingOperator:
+    """A = diag(1..P) whose first products carry a small error: CG's recursive residual then drifts away
+    from b − Ax, as rounding makes it do in float32 over many iterations."""
+
+    def __init__(self, size: int, drift_products: int) -> None:
+        self.diag = torch.linspace(1.0, 50.0, size, dtype=torch.float64)
+        self.calls, self.drift_products = 0, drift_products
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = v * self.diag
+        if self.calls <= self.drift_products:
+            out = out + 1e-3 * v.norm(dim=-1, keepdim=True) * torch.ones_like(v) / v.shape[-1] ** 0.5
+        return out
+
+
+def test_cg_stops_on_the_true_residual_not_on_its_drifting_recursion():
+    op = _DriftingOperator(40, drift_products=5)
+    b = torch.ones(1, 40, dtype=torch.float64)
+    x, _, problems = solvers._cg(op, b, tol=1e-8, max_iter=500, progress=False)
+    true = float((b - x * op.diag).norm() / b.norm())
+    assert not problems and true <= 1e-8, true  # stopping on the recursion alone left it at 4e-5
+
+
+class _NoisyOperator(_DriftingOperator):
+    """Every product carries fresh noise of relative size 1e-6: a floor no residual can get under."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, drift_products=0)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(v.shape, generator=self.gen, dtype=v.dtype)
+        return super().matvec(v) + 1e-6 * v.norm(dim=-1, keepdim=True) * noise / v.shape[-1] ** 0.5
+
+
+def test_cg_gives_up_replacing_after_max_replacements():
+    """Below a floor, the true residual never meets tol: the column stops after MAX_REPLACEMENTS
+    restarts instead of running to max_iter (the caller's true-residual check then reports the floor)."""
+    b = torch.ones(1, 40, dtype=torch.float64)
+    op = _NoisyOperator(40)
+    _, iterations, problems = solvers._cg(op, b, tol=1e-12, max_iter=5000, progress=False)
+    assert iterations < 1000 and not problems
+    assert op.calls - iterations == solvers.MAX_REPLACEMENTS + 1  # one true-residual product per check
