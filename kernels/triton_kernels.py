@@ -117,7 +117,7 @@ _GHOST = [(128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 6
 
 
 @triton.autotune(configs=_configs(_GHOST, ("BLOCK_T", "BLOCK_S", "BLOCK_D"), (16, 16, 32)),
-                 key=["T1", "T2", "DIN", "DOUT", "SYMMETRIC", "PRECISION", "TRANS_LOAD"], reset_to_zero=["out_ptr"])
+                 key=["T1", "T2", "DIN", "DOUT", "SYMMETRIC", "HAS_MASK", "PRECISION", "TRANS_LOAD"], reset_to_zero=["out_ptr"])
 @triton.jit
 def ghost_kernel(a1_ptr, g1_ptr, a2_ptr, g2_ptr, m1_ptr, m2_ptr, pi_ptr, pj_ptr, out_ptr,
                  T1, T2, DIN, DOUT,
@@ -156,7 +156,7 @@ _BUILT = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3)]
 
 
 @triton.autotune(configs=_configs(_BUILT, ("BLOCK_Q", "BLOCK_P", "BLOCK_T"), (32, 32, 16)),
-                 key=["T", "P", "Q", "K", "DOTS", "PRECISION", "TRANS_LOAD"], reset_to_zero=["out_ptr"])
+                 key=["T", "P", "Q", "K", "DOTS", "HAS_MASK", "PRECISION", "TRANS_LOAD"], reset_to_zero=["out_ptr"])
 @triton.jit
 def built_kernel(a_ptr, g_ptr, m_ptr, w_ptr, out_ptr, T, P, Q, K,
                  sab, sat, sap, sgb, sgt, sgq, smb, smt, swk, swq, swp,

@@ -29,13 +29,18 @@ def spy(monkeypatch):
 
 
 @needs_onednn
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(m=st.integers(1, 300), k=st.integers(1, 300), n=st.integers(1, 300), seed=st.integers(0, 2**16))
 def test_matches_float64_reference_across_shapes(m, k, n, seed):
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
     want = x.double() @ y.double().T
-    got = matmul_nt(x, y)
+    routed = []
+    real = cpu_gemm._onednn
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_gemm, "_onednn", lambda a, b: routed.append(1) or real(a, b))
+        got = matmul_nt(x, y)
+    assert routed == ([1] if m * k * n >= MIN_MULTIPLY_ADDS else [])  # both routes are checked, each by its rule
     assert got.dtype == torch.float32 and got.shape == (m, n)
     # float32 accumulation over k terms of size ~1: error grows like sqrt(k)·eps·|x||y|
     scale = x.double().norm(dim=1, keepdim=True) * y.double().norm(dim=1)
@@ -88,3 +93,28 @@ def test_failed_probe_falls_back_to_matmul(monkeypatch):
     x, y = torch.randn(256, 1024), torch.randn(512, 1024)
     torch.testing.assert_close(matmul_nt(x, y), x @ y.T)
     assert cpu_gemm._onednn_ok is False
+
+
+@needs_onednn
+def test_forward_mode_and_torch_func_transforms_take_matmul(spy):
+    """oneDNN's op has no derivative formulas: under forward mode it returned a zero tangent."""
+    from torch.autograd import forward_ad
+    from torch.func import jvp, vmap
+
+    x, y = torch.randn(256, 1024), torch.randn(512, 1024)
+    tangent = torch.randn_like(x)
+    _, out_tangent = jvp(lambda a: matmul_nt(a, y), (x,), (tangent,))
+    torch.testing.assert_close(out_tangent, tangent @ y.T)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, tangent)
+        got = forward_ad.unpack_dual(matmul_nt(dual, y)).tangent
+    assert got is not None
+    torch.testing.assert_close(got, tangent @ y.T)
+    batched = vmap(lambda a: matmul_nt(a, y))(x.reshape(2, 128, 1024))
+    torch.testing.assert_close(batched.reshape(256, 512), x @ y.T, rtol=1e-5, atol=1e-4)
+    assert spy == []
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"x \[4, 3\] and y \[5, 2\]"):
+        matmul_nt(torch.randn(4, 3), torch.randn(5, 2))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unlearn_fast.influence import solvers
 from unlearn_fast.influence.curvature import CurvatureOperator
 from unlearn_fast.influence.nystrom import nystrom_preconditioner, nystrom_sketch
 from unlearn_fast.influence.solvers import solve_operator
@@ -37,9 +36,8 @@ def test_preconditioned_cg_takes_one_step_when_the_sketch_spans_the_curvature():
     op = operator(n=4)
     b = torch.randn(2, op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     plain = solve_operator(op, b, tol=1e-10, max_iter=500)
-    with pytest.MonkeyPatch.context() as mp:  # the default rank (32) would do too; 12 just covers rank ≤ 8
-        mp.setitem(solvers._PRECONDITIONER_BUILDERS, "nystrom", lambda o, progress: nystrom_preconditioner(o, rank=12))
-        pre = solve_operator(op, b, tol=1e-10, max_iter=500, preconditioner="nystrom")
+    # the default rank (32, capped at P = 51) would do too; 12 just covers rank(C) ≤ 8
+    pre = solve_operator(op, b, tol=1e-10, max_iter=500, preconditioner="nystrom", preconditioner_options={"rank": 12})
     assert pre.converged and "nystrom preconditioner" in pre.message
     assert pre.iterations <= 2 < plain.iterations
     torch.testing.assert_close(pre.solution, plain.solution, rtol=1e-8, atol=1e-8)
@@ -100,3 +98,41 @@ def test_bad_input_names_the_problem():
         nystrom_preconditioner(hess)
     with pytest.raises(ValueError, match="rank"):
         nystrom_sketch(operator(n=4), rank=0)
+
+
+@pytest.mark.parametrize(("kind", "n", "damping"), [("ggn", 2, 1e-3), ("ggn", 3, 1e4), ("fisher", 5, 1e4),
+                                                    ("ggn", 15, 0.1), ("fisher", 50, 1e4)])
+def test_float32_curvature_of_rank_below_the_sketch(kind, n, damping):
+    """float32 GGNs/Fishers of a few samples have rank < ℓ = 32, so the sketch's core Ωᵀ C Ω is singular
+    up to rounding, and taking a large μ off (C + μI)Ω leaves rounding of size eps·μ in Y. A shift of
+    eps·‖Y‖, added to Y in float32, did not cover that: the damping-1e4 cases here failed with "not
+    positive semi-definite" for every seed tried. The sketch must build, and PCG must solve."""
+    torch.manual_seed(n)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))  # P = 1,994
+    x, y = torch.randn(n, 20), torch.randint(0, 10, (n,))
+    op = CurvatureOperator(model, "cross_entropy", (x, y), kind=kind, damping=damping)
+    apply = nystrom_preconditioner(op)
+    assert apply.basis.dtype == torch.float32 and bool(torch.isfinite(apply.eigenvalues).all())
+    b = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0))
+    res = solve_operator(op, b, tol=1e-4, max_iter=200, preconditioner="nystrom")
+    assert res.converged, res.message
+    rank_bound = 9 * n if kind == "ggn" else n  # (classes − 1)·n for the GGN, n for the empirical Fisher
+    if rank_bound <= 32:  # ℓ = 32 spans C's range: M⁻¹A is μI up to rounding
+        assert res.iterations <= 3, res.message
+    else:
+        assert res.iterations <= solve_operator(op, b, tol=1e-4, max_iter=200).iterations
+
+
+def test_preconditioner_options_are_validated_and_used():
+    op = operator(n=4)
+    b = torch.randn(op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"preconditioner_options key\(s\) \['ranks'\] not accepted by "
+                                         r"preconditioner='nystrom'; valid keys: 'rank', 'seed'"):
+        solve_operator(op, b, preconditioner="nystrom", preconditioner_options={"ranks": 4})
+    with pytest.raises(ValueError, match="given without a preconditioner"):
+        solve_operator(op, b, preconditioner_options={"rank": 4})
+    with pytest.raises(ValueError, match=r"seed=2.7 must be an int"):
+        solve_operator(op, b, preconditioner="nystrom", preconditioner_options={"seed": 2.7})
+    one = solve_operator(op, b, tol=1e-10, preconditioner="nystrom", preconditioner_options={"rank": 2})
+    twelve = solve_operator(op, b, tol=1e-10, preconditioner="nystrom", preconditioner_options={"rank": 12})
+    assert one.converged and twelve.converged and twelve.iterations < one.iterations

@@ -193,45 +193,62 @@ SOLVERS: dict[str, Solver] = {"cg": _cg, "exact": _exact, "kfac": kfac_solver, "
                               "woodbury": woodbury_solver}
 # What a solver's count means in messages (default: operator products).
 _COUNT_UNITS = {"cg": "iterations", "lissa": "iterations", "woodbury": "data passes"}
-# preconditioner name → builder(op, progress) → r [K, P] ↦ M⁻¹ r, for solver="cg"
-_PRECONDITIONER_BUILDERS: dict[str, Callable[[CurvatureOperator, bool], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "kfac": lambda op, progress: kronecker_preconditioner(op, eigen_correct=False, progress=progress),
-    "ekfac": lambda op, progress: kronecker_preconditioner(op, eigen_correct=True, progress=progress),
-    "diagonal": lambda op, progress: diagonal_preconditioner(op, progress=progress),
-    "nystrom": lambda op, progress: nystrom_preconditioner(op, progress=progress),
+# preconditioner name → (builder(op, progress, **options) → r [K, P] ↦ M⁻¹ r, the options it takes), for cg
+_PRECONDITIONER_BUILDERS: dict[str, tuple[Callable[..., Callable[[torch.Tensor], torch.Tensor]], tuple[str, ...]]] = {
+    "kfac": (lambda op, progress, **o: kronecker_preconditioner(op, eigen_correct=False, progress=progress, **o),
+             ("samples", "seed")),
+    "ekfac": (lambda op, progress, **o: kronecker_preconditioner(op, eigen_correct=True, progress=progress, **o),
+              ("samples", "seed")),
+    "diagonal": (lambda op, progress, **o: diagonal_preconditioner(op, progress=progress, **o), ("probes", "seed")),
+    "nystrom": (lambda op, progress, **o: nystrom_preconditioner(op, progress=progress, **o), ("rank", "seed")),
 }
 PRECONDITIONERS = tuple(_PRECONDITIONER_BUILDERS)
 
 
-def _check_solver_arguments(solver: str, preconditioner: str | None, solver_options: dict | None) -> dict:
-    """Validate the solver, its preconditioner and its options; returns the options (a new dict)."""
+def _check_options(options: dict | None, valid: tuple[str, ...], what: str, owner: str, name: str) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{what} must be a dict of keyword options or None, got {type(options).__name__}")
+    bad = [k for k in options if k not in valid]
+    if bad:
+        raise ValueError(f"{what} key(s) {bad} not accepted by {owner}; valid keys: "
+                         f"{', '.join(map(repr, valid)) if valid else f'none ({name} takes no options)'}")
+    return dict(options)
+
+
+def check_solver_arguments(solver: str, preconditioner: str | None, solver_options: dict | None,
+                           preconditioner_options: dict | None = None) -> tuple[dict, dict]:
+    """Validate the solver, its preconditioner and their options; returns (solver options,
+    preconditioner options), new dicts."""
     check_choice(solver, SOLVERS, "solver")
     if preconditioner is not None:
         check_choice(preconditioner, PRECONDITIONERS, "preconditioner")
         if solver != "cg":
             raise ValueError(f"preconditioner={preconditioner!r} works with solver='cg' only, not solver={solver!r}; "
                              "use preconditioner=None")
-    if solver_options is None:
-        return {}
-    if not isinstance(solver_options, dict):
-        raise ValueError(f"solver_options must be a dict of keyword options or None, got {type(solver_options).__name__}")
-    valid = tuple(getattr(SOLVERS[solver], "options", ()))
-    bad = [k for k in solver_options if k not in valid]
-    if bad:
-        raise ValueError(f"solver_options key(s) {bad} not accepted by solver={solver!r}; valid keys: "
-                         f"{', '.join(map(repr, valid)) if valid else f'none ({solver} takes no options)'}")
-    return dict(solver_options)
+    elif preconditioner_options:
+        raise ValueError(f"preconditioner_options={preconditioner_options!r} given without a preconditioner; "
+                         f"valid preconditioners: {', '.join(map(repr, PRECONDITIONERS))}")
+    options = _check_options(solver_options, tuple(getattr(SOLVERS[solver], "options", ())), "solver_options",
+                             f"solver={solver!r}", solver)
+    pre_options = {} if preconditioner is None else _check_options(
+        preconditioner_options, _PRECONDITIONER_BUILDERS[preconditioner][1], "preconditioner_options",
+        f"preconditioner={preconditioner!r}", preconditioner)
+    return options, pre_options
 
 
 def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", tol: float = 1e-4, max_iter: int = 500,
                    progress: bool = False, preconditioner: str | None = None,
-                   solver_options: dict | None = None) -> SolveResult:
+                   solver_options: dict | None = None, preconditioner_options: dict | None = None) -> SolveResult:
     """Solve op(x) = rhs with an already built :class:`CurvatureOperator` (reuse it across solves).
 
     ``solver_options``: extra keyword options of the solver (``lissa``: ``scale``, ``power_iterations``,
-    ``seed``); a key the solver does not take raises, naming the valid ones.
+    ``seed``); ``preconditioner_options`` those of the preconditioner (``nystrom``: ``rank``, ``seed``;
+    ``kfac``/``ekfac``: ``samples``, ``seed``; ``diagonal``: ``probes``, ``seed``). A key that is not
+    taken raises, naming the valid ones.
     """
-    options = _check_solver_arguments(solver, preconditioner, solver_options)
+    options, pre_options = check_solver_arguments(solver, preconditioner, solver_options, preconditioner_options)
     tol = check_number(tol, "tol", low=0.0, low_open=True)
     max_iter = check_positive_int(max_iter, "max_iter")
     start = time.perf_counter()
@@ -240,7 +257,8 @@ def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", to
     if not torch.isfinite(b).all():
         raise ValueError("rhs has non-finite entries")
     if preconditioner is not None:
-        options["precondition"] = _PRECONDITIONER_BUILDERS[preconditioner](op, progress)
+        builder = _PRECONDITIONER_BUILDERS[preconditioner][0]
+        options["precondition"] = builder(op, progress, **pre_options)
     x, iterations, problems = SOLVERS[solver](op, b, tol=tol, max_iter=max_iter, progress=progress, **options)
     approximate = bool(getattr(SOLVERS[solver], "approximate", False))
     r = b - op.matvec(x)  # our own true residual, from a fresh product
@@ -272,7 +290,8 @@ def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", to
 def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str = "cg", curvature: str = "ggn",
           weight_decay: float = 0.0, damping: float = 0.0, tol: float = 1e-4, max_iter: int = 500, batch_size: int = 512,
           layers: list[str] | None = None, device: str | torch.device | None = None, progress: bool = False,
-          preconditioner: str | None = None, solver_options: dict | None = None) -> SolveResult:
+          preconditioner: str | None = None, solver_options: dict | None = None,
+          preconditioner_options: dict | None = None) -> SolveResult:
     """x = (C + (weight_decay + damping) I)⁻¹ rhs, with C the ``curvature`` of the mean loss over ``data``.
 
     ``rhs``: flat [P] / [K, P] or dict name → [*shape] / [K, *shape] over ``trainable(model, layers)``;
@@ -282,16 +301,18 @@ def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str 
     ``preconditioner="kfac"`` / ``"ekfac"`` preconditions ``solver="cg"`` with it, ``"diagonal"`` with
     the curvature's diagonal (Jacobi). ``solver="lissa"`` runs the LiSSA recursion (slow for small
     damping; for reference). ``solver_options``: the solver's extra keyword options (``lissa``:
-    ``scale``, ``power_iterations``, ``seed``).
+    ``scale``, ``power_iterations``, ``seed``); ``preconditioner_options`` the preconditioner's (see
+    :func:`solve_operator`).
     """
-    _check_solver_arguments(solver, preconditioner, solver_options)
+    check_solver_arguments(solver, preconditioner, solver_options, preconditioner_options)
     check_choice(curvature, CURVATURES, "curvature")
     check_number(tol, "tol", low=0.0, low_open=True)
     check_positive_int(max_iter, "max_iter")
     op = CurvatureOperator(model, loss, data, kind=curvature, weight_decay=weight_decay, damping=damping,
                            batch_size=batch_size, layers=layers, device=device)
     return solve_operator(op, rhs, solver=solver, tol=tol, max_iter=max_iter, progress=progress,
-                          preconditioner=preconditioner, solver_options=solver_options)
+                          preconditioner=preconditioner, solver_options=solver_options,
+                          preconditioner_options=preconditioner_options)
 
 
-__all__ = ["EXACT_MAX_PARAMS", "PRECONDITIONERS", "SOLVERS", "SolveResult", "SolverWarning", "solve", "solve_operator"]
+__all__ = ["EXACT_MAX_PARAMS", "PRECONDITIONERS", "check_solver_arguments", "SOLVERS", "SolveResult", "SolverWarning", "solve", "solve_operator"]

@@ -34,7 +34,7 @@ from ..methods.expansion import SimilarExpansion, forget_request
 from ..methods.registry import METHODS, UnlearnTask
 from ..validation import check_choice, check_number, check_positive_int, resolve_device
 from .per_sample import loss_gradient
-from .solvers import solve
+from .solvers import check_solver_arguments, solve
 from .vectors import as_dict, as_flat, trainable
 
 GRADIENTS = ("forget", "retain")
@@ -78,6 +78,7 @@ def influence_unlearn(
     curvature: str = "ggn",
     damping: float | str = "auto",
     preconditioner: str | None = None,
+    preconditioner_options: dict | None = None,
     gradient: str = "forget",
     layers: list[str] | None = None,
     curvature_samples: int | None = None,
@@ -102,7 +103,9 @@ def influence_unlearn(
         preconditioner: None, "kfac", "ekfac", "diagonal" (Jacobi) or "nystrom" (a randomized
             low-rank sketch), for cg. The first three help ill-scaled single layers (on the digits
             MLPs they raised the iterations); "nystrom" cut the default digits step 1.35× (72 → 24
-            iterations, plus 32 products for the sketch) and costs about 4·P·32 floats of memory.
+            iterations, plus 32 products for the sketch); it needs about 5·P·32 floats of memory.
+        preconditioner_options: its keyword options (nystrom: rank, seed; kfac/ekfac: samples, seed;
+            diagonal: probes, seed).
         damping: added to the curvature's diagonal; "auto" is 1e-3 (ggn, fisher) or 1e-2 (hessian).
         gradient: "forget" (influence form, m samples) or "retain" (direct ∇L_R over the retain set).
         layers: restrict the step to the parameters of these named modules.
@@ -121,6 +124,7 @@ def influence_unlearn(
     # The cheap checks come before the near-duplicate search, so bad options fail fast.
     check_choice(gradient, GRADIENTS, "gradient")
     check_choice(curvature, tuple(AUTO_DAMPING), "curvature")
+    check_solver_arguments(solver, preconditioner, None, preconditioner_options)
     if curvature_samples is not None:
         check_positive_int(curvature_samples, "curvature_samples")
     check_positive_int(seed, "seed", minimum=0)
@@ -159,7 +163,7 @@ def influence_unlearn(
         keep = keep[draw.sort().values]
     result = solve(model, ctx.loss, (inputs[keep], labels[keep]), {n: v.unsqueeze(0) for n, v in rhs.items()},
                    solver=solver, curvature=curvature, weight_decay=lam, damping=delta, tol=tol, max_iter=max_iter,
-                   preconditioner=preconditioner,
+                   preconditioner=preconditioner, preconditioner_options=preconditioner_options,
                    batch_size=size, layers=layers, device=dev, progress=progress)
     seconds["solve"] = time.perf_counter() - started
 
@@ -187,7 +191,8 @@ def influence_unlearn(
     )
 
 
-@METHODS.register("influence", solver="cg", curvature="ggn", damping="auto", preconditioner=None, gradient="forget",
+@METHODS.register("influence", solver="cg", curvature="ggn", damping="auto", preconditioner=None,
+                  preconditioner_options=None, gradient="forget",
                   tol=1e-4, max_iter=200, layers=None, curvature_samples=None, seed=0)
 def influence(model: nn.Module, task: UnlearnTask, **hyper: Any) -> nn.Module:
     """One Newton/influence step on the retain objective (Koh & Liang 2017; Guo et al. 2020).
