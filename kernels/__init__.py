@@ -16,6 +16,8 @@ Backend: :func:`select_backend` picks "triton" for CUDA tensors when Triton impo
 interpreter, TRITON_INTERPRET=1). float64 always takes the torch path. If Triton is missing or a
 kernel fails to compile or launch, the torch path runs instead, with one warning per operation.
 Results are float32 for half inputs (accumulated in float32) and the input dtype otherwise.
+On the CPU, the torch path's large float32 GEMMs go through :func:`.cpu_gemm.matmul_nt` (oneDNN
+where MKL is slower; ``UNLEARN_FAST_CPU_GEMM=matmul`` turns that off).
 """
 
 from __future__ import annotations
