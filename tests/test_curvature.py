@@ -302,3 +302,23 @@ def test_product_caches_follow_parameter_changes(kind, cache):
     fresh = CurvatureOperator(model, "cross_entropy", data, kind=kind, batch_size=8)(v)
     torch.testing.assert_close(op(v), fresh)  # stale factors were dropped
     assert not torch.allclose(fresh, first)
+
+
+def test_batch_size_none_sizes_batches_by_activation_memory(monkeypatch):
+    """The default batch holds about BATCH_BYTES of forward activations: all of a small data set, and
+    proportionally fewer samples when the budget shrinks; the products do not depend on the batching."""
+    from unlearn_fast.influence import curvature
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    x, y = torch.randn(300, 10, dtype=torch.float64), torch.randint(0, 4, (300,))
+    whole = CurvatureOperator(model, "cross_entropy", (x, y), kind="ggn")
+    assert whole.batch_size == 300
+    per_sample = (32 + 32 + 4 + 4) * 8  # the two Linears, the ReLU and the Sequential itself, float64
+    monkeypatch.setattr(curvature, "BATCH_BYTES", 50 * per_sample)
+    small = CurvatureOperator(model, "cross_entropy", (x, y), kind="ggn")
+    assert small.batch_size == 50
+    v = torch.randn(whole.num_params, dtype=torch.float64)
+    torch.testing.assert_close(small(v), whole(v), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="batch_size=0 must be an int >= 1; or None"):
+        CurvatureOperator(model, "cross_entropy", (x, y), batch_size=0)

@@ -288,7 +288,8 @@ def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", to
 
 
 def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str = "cg", curvature: str = "ggn",
-          weight_decay: float = 0.0, damping: float = 0.0, tol: float = 1e-4, max_iter: int = 500, batch_size: int = 512,
+          weight_decay: float = 0.0, damping: float = 0.0, tol: float = 1e-4, max_iter: int = 500,
+          batch_size: int | None = None,
           layers: list[str] | None = None, device: str | torch.device | None = None, progress: bool = False,
           preconditioner: str | None = None, solver_options: dict | None = None,
           preconditioner_options: dict | None = None) -> SolveResult:

@@ -114,6 +114,8 @@ def influence_unlearn(
             the exact sums. The curvature is a mean over R, so a subset is an unbiased estimate of
             it; on large data it makes the solve cost independent of N (kronfluence bounds its
             factor fits the same way, with ``covariance_max_examples``). None: all retain samples.
+        batch_size: samples per batch; None sizes the curvature's batches by memory (about 64 MiB of
+            activations each, see :mod:`.curvature`) and the gradient's at 512.
         similar, similar_method, similar_action: expand the forget set with the targets'
             near-duplicates, or only list them, as in :func:`unlearn_fast.unlearn`.
     Returns:
@@ -128,6 +130,8 @@ def influence_unlearn(
     if curvature_samples is not None:
         check_positive_int(curvature_samples, "curvature_samples")
     check_positive_int(seed, "seed", minimum=0)
+    if batch_size is not None:
+        check_positive_int(batch_size, "batch_size", hint="or None")
     delta = AUTO_DAMPING[curvature] if damping == "auto" else check_number(damping, "damping")
     dev = resolve_device(device)
     ids, expansion = forget_request(model, ctx, forget_ids, similar, similar_method=similar_method,
@@ -135,6 +139,7 @@ def influence_unlearn(
     retain = ctx.retain_ids(ids)
     if not retain:
         raise ValueError("forget_ids cover the whole training set: nothing would be left to define the model")
+    # gradient batches; the curvature's batches are sized by memory unless batch_size is given
     size = batch_size or 512
     params = trainable(model, layers)
     lam = ctx.weight_decay
@@ -164,7 +169,7 @@ def influence_unlearn(
     result = solve(model, ctx.loss, (inputs[keep], labels[keep]), {n: v.unsqueeze(0) for n, v in rhs.items()},
                    solver=solver, curvature=curvature, weight_decay=lam, damping=delta, tol=tol, max_iter=max_iter,
                    preconditioner=preconditioner, preconditioner_options=preconditioner_options,
-                   batch_size=size, layers=layers, device=dev, progress=progress)
+                   batch_size=batch_size, layers=layers, device=dev, progress=progress)
     seconds["solve"] = time.perf_counter() - started
 
     started = time.perf_counter()
