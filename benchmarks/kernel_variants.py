@@ -33,6 +33,19 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VARIANTS = {"new": {**{f: dict.fromkeys(DTYPES, True) for f in TRANS}, "dots_q_major": True, "fp32": "tf32x3"},
             "old": {**{f: dict.fromkeys(DTYPES, False) for f in TRANS}, "dots_q_major": False, "fp32": "ieee"}}
 DEFAULTS = {key: (dict(value) if isinstance(value, dict) else value) for key, value in tr.LAYOUT.items()}
+def scaled_gemm_wsum(a, g, c):
+    """(diag(c_k)G)ᵀA as c_k times the narrower factor, then one cuBLAS GEMM per k: a candidate route
+    for CUDA weighted sums (the fused kernel was 3.3–6.2× the GEMM in run B). c is rounded to the
+    input dtype, as the kernel rounds c·g."""
+    b, t, din = a.shape
+    dout = g.shape[2]
+    a2, g2 = a.reshape(b*t, din), g.reshape(b*t, dout)
+    w = c.repeat_interleave(t, 0).to(a.dtype)  # [B·T, K]
+    if din <= dout:
+        return torch.stack([(g2.T @ (a2*w[:, j:j+1])).float() for j in range(c.shape[1])])
+    return torch.stack([((g2*w[:, j:j+1]).T @ a2).float() for j in range(c.shape[1])])
+
+
 rows = []
 def emit(*r):
     rows.append(r); print(r, flush=True)
@@ -56,6 +69,8 @@ for dtype in (torch.bfloat16, torch.float32):
             emit("wsum", name, str(dtype)[6:], b, t, din, dout, k, ms(lambda: tr.linear_weighted_sum(a, g, c)), gemm_wsum, fl, rel(tr.linear_weighted_sum(a, g, c), ref_w))
             if t > 1:
                 emit("ghost", name, str(dtype)[6:], b, t, din, dout, 1, ms(lambda: tr.linear_sq_norms(a, g)), gemm_ghost, 2*b*t*t*(din+dout), rel(tr.linear_sq_norms(a, g), ref_n))
+        emit("wsum", "scaled+cublas", str(dtype)[6:], b, t, din, dout, k, ms(lambda: scaled_gemm_wsum(a, g, c)), gemm_wsum, fl,
+             rel(scaled_gemm_wsum(a, g, c), ref_w))
         torch.cuda.empty_cache()
 # torch.func materialisation (vmap(grad) of one layer, then the dot with V) against the kernel, fp32, with peak memory.
 tr.LAYOUT.update(DEFAULTS)
