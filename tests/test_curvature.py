@@ -322,3 +322,35 @@ def test_batch_size_none_sizes_batches_by_activation_memory(monkeypatch):
     torch.testing.assert_close(small(v), whole(v), rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="batch_size=0 must be an int >= 1; or None"):
         CurvatureOperator(model, "cross_entropy", (x, y), batch_size=0)
+
+
+class _MaskedModel(nn.Module):
+    """forward(x, mask): a model that a callable loss must feed more than the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * mask)
+
+
+def test_memory_probe_runs_through_a_callable_loss_and_caps_the_batch():
+    """The probe calls the model the way the products do (through the loss), counts tuple outputs,
+    and never takes more than MAX_MEMORY_BATCH samples at once."""
+    from unlearn_fast.influence.curvature import MAX_MEMORY_BATCH, counting_activations
+
+    torch.manual_seed(0)
+    packed = torch.stack([torch.randn(3000, 5), (torch.rand(3000, 5) > 0.2).float()], dim=1)  # [N, 2, 5]
+    labels = torch.randint(0, 3, (3000,))
+
+    def loss(model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x[:, 0], x[:, 1]), y, reduction="none")
+
+    op = CurvatureOperator(_MaskedModel(), loss, (packed, labels), kind="fisher")
+    assert op.batch_size == MAX_MEMORY_BATCH < 3000
+    lstm = nn.LSTM(4, 6, batch_first=True)
+    with counting_activations(lstm) as sizes:
+        lstm(torch.randn(2, 7, 4))
+    assert sum(sizes) == (2 * 7 * 6 + 2 * (1 * 2 * 6)) * 4  # output [2, 7, 6] and (h, c) [1, 2, 6] each, float32

@@ -197,4 +197,6 @@ def test_cg_gives_up_replacing_after_max_replacements():
     op = _NoisyOperator(40)
     _, iterations, problems = solvers._cg(op, b, tol=1e-12, max_iter=5000, progress=False)
     assert iterations < 1000 and not problems
-    assert op.calls - iterations == solvers.MAX_REPLACEMENTS + 1  # one true-residual product per check
+    # one true-residual product per check: at most MAX_REPLACEMENTS restarts, fewer once a restart
+    # stops halving the true residual (the floor is reached)
+    assert 1 <= op.calls - iterations <= solvers.MAX_REPLACEMENTS + 1

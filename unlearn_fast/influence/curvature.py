@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -50,10 +51,15 @@ CURVATURES = ("ggn", "hessian", "fisher")
 # batches beyond it are re-run for every product.
 CACHE_BYTES = 1 << 30
 # batch_size=None: samples per batch whose forward activations (every module's tensor outputs) take
-# about this many bytes, per vector (K vectors multiply it); 64 MiB holds ~16k digits-MLP samples
-# (about 4 KB each) or ~16 GPT-2-small sequences of 128 tokens.
+# about this many bytes, per vector: K vectors multiply it (the Nyström sketch and Hutchinson probes
+# use K = 16), and what a module computes inside itself (attention scores) is not seen. 64 MiB holds
+# ~16k digits-MLP samples (about 4 KB each); a GPT-2-small sequence of 128 tokens (about 111 MiB of
+# module outputs) gets a batch of 1. At most MAX_MEMORY_BATCH samples: the woodbury solver builds its
+# Gram per pair of batches, and one [8000, 8000] block took 1.6× the memory and 2× the time of
+# blocks of 512 (measured in review).
 BATCH_BYTES = 1 << 26
 PROBE_SAMPLES = 8
+MAX_MEMORY_BATCH = 2048
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 
@@ -91,8 +97,9 @@ def counting_activations(model: nn.Module) -> Iterator[list[int]]:
     sizes: list[int] = []
 
     def record(_module: nn.Module, _args: Any, out: Any) -> None:
-        if torch.is_tensor(out):
-            sizes.append(out.numel() * out.element_size())
+        for leaf in tree_leaves(out):  # tensors, or the tensors in a tuple/dict output (LSTM, HF blocks)
+            if torch.is_tensor(leaf):
+                sizes.append(leaf.numel() * leaf.element_size())
 
     hooks = [m.register_forward_hook(record) for m in model.modules()]
     try:
@@ -173,11 +180,12 @@ class CurvatureOperator:
 
     def _memory_batch_size(self) -> int:
         """Samples per batch whose forward activations take about BATCH_BYTES (module doc)."""
-        x = self.inputs[:PROBE_SAMPLES]
+        x, y = self.inputs[:PROBE_SAMPLES], self.labels[:PROBE_SAMPLES]
+        # through the loss, as the products call the model (a callable loss may pass it more than x)
         with counting_activations(self.model) as sizes, torch.no_grad(), eval_mode(self.model):
-            self._forward(self._values, x)
+            self._losses(self._values, x, y)
         per_sample = max(1, sum(sizes) // max(1, x.shape[0]))
-        return max(1, min(self.n, BATCH_BYTES // per_sample))
+        return max(1, min(self.n, MAX_MEMORY_BATCH, BATCH_BYTES // per_sample))
 
     # -- state snapshot ------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -131,7 +131,7 @@ def influence_unlearn(
         check_positive_int(curvature_samples, "curvature_samples")
     check_positive_int(seed, "seed", minimum=0)
     if batch_size is not None:
-        check_positive_int(batch_size, "batch_size", hint="or None")
+        check_positive_int(batch_size, "batch_size", hint="or None to size the curvature's batches by memory")
     delta = AUTO_DAMPING[curvature] if damping == "auto" else check_number(damping, "damping")
     dev = resolve_device(device)
     ids, expansion = forget_request(model, ctx, forget_ids, similar, similar_method=similar_method,
