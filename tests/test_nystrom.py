@@ -131,8 +131,19 @@ def test_preconditioner_options_are_validated_and_used():
         solve_operator(op, b, preconditioner="nystrom", preconditioner_options={"ranks": 4})
     with pytest.raises(ValueError, match="given without a preconditioner"):
         solve_operator(op, b, preconditioner_options={"rank": 4})
-    with pytest.raises(ValueError, match=r"seed=2.7 must be an int"):
+    with pytest.raises(ValueError, match=r"preconditioner_options\['seed'\]=2.7 must be an int >= 0"):
         solve_operator(op, b, preconditioner="nystrom", preconditioner_options={"seed": 2.7})
     one = solve_operator(op, b, tol=1e-10, preconditioner="nystrom", preconditioner_options={"rank": 2})
     twelve = solve_operator(op, b, tol=1e-10, preconditioner="nystrom", preconditioner_options={"rank": 12})
     assert one.converged and twelve.converged and twelve.iterations < one.iterations
+
+
+def test_study_refuses_bad_influence_options_before_training():
+    """The method registry checks option values (not only names), so a study fails before any model is trained."""
+    from unlearn_fast.study import check_method_options
+
+    with pytest.raises(ValueError, match=r"preconditioner_options\['rank'\]=0 must be an int >= 1"):
+        check_method_options({"influence": {"preconditioner": "nystrom", "preconditioner_options": {"rank": 0}}})
+    with pytest.raises(ValueError, match="preconditioner='nystrom' works with solver='cg' only"):
+        check_method_options({"influence": {"solver": "ekfac", "preconditioner": "nystrom"}})
+    assert check_method_options({"influence": {"preconditioner": "nystrom", "preconditioner_options": {"rank": 8}}})

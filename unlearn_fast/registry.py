@@ -22,6 +22,7 @@ class Entry(Generic[F]):
     fn: F
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    check: Callable[[dict[str, Any]], None] | None = None  # raises on bad option values (all resolved)
 
 
 class Registry(Generic[F]):
@@ -31,14 +32,16 @@ class Registry(Generic[F]):
         self.kind = kind
         self._entries: dict[str, Entry[F]] = {}
 
-    def register(self, name: str, *, description: str = "", **defaults: Any) -> Callable[[F], F]:
-        """Decorator: register ``fn`` under ``name`` with keyword ``defaults``."""
+    def register(self, name: str, *, description: str = "", check: Callable[[dict[str, Any]], None] | None = None,
+                 **defaults: Any) -> Callable[[F], F]:
+        """Decorator: register ``fn`` under ``name`` with keyword ``defaults``; ``check(options)``, if
+        given, validates the values of a full set of options (defaults updated by the caller's) and raises."""
 
         def decorate(fn: F) -> F:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             doc = description or (inspect.getdoc(fn) or "").split("\n", 1)[0]
-            self._entries[name] = Entry(name, fn, dict(defaults), doc)
+            self._entries[name] = Entry(name, fn, dict(defaults), doc, check)
             return fn
 
         return decorate
@@ -50,13 +53,17 @@ class Registry(Generic[F]):
         return self._entries[name]
 
     def resolve_hyper(self, name: str, hyper: dict[str, Any]) -> dict[str, Any]:
-        """Defaults of ``name`` updated by ``hyper``; unknown keys raise, naming the valid ones."""
+        """Defaults of ``name`` updated by ``hyper``; unknown keys raise, naming the valid ones, and so
+        do bad values where the entry has a ``check``."""
         entry = self.get(name)
         unknown = sorted(set(hyper) - set(entry.defaults))
         if unknown:
             valid = ", ".join(sorted(entry.defaults)) or "(none)"
             raise ValueError(f"{self.kind} {name!r} got unknown option(s) {unknown}; valid options: {valid}")
-        return {**entry.defaults, **hyper}
+        resolved = {**entry.defaults, **hyper}
+        if entry.check is not None:
+            entry.check(resolved)
+        return resolved
 
     def names(self) -> list[str]:
         return list(self._entries)

@@ -241,6 +241,8 @@ def check_solver_arguments(solver: str, preconditioner: str | None, solver_optio
     pre_options = {} if preconditioner is None else _check_options(
         preconditioner_options, _PRECONDITIONER_BUILDERS[preconditioner][1], "preconditioner_options",
         f"preconditioner={preconditioner!r}", preconditioner)
+    for key, value in pre_options.items():  # every preconditioner option is a count (≥ 1) or a seed (≥ 0)
+        check_positive_int(value, f"preconditioner_options[{key!r}]", minimum=0 if key == "seed" else 1)
     return options, pre_options
 
 

@@ -196,7 +196,15 @@ def influence_unlearn(
     )
 
 
-@METHODS.register("influence", solver="cg", curvature="ggn", damping="auto", preconditioner=None,
+def _check_influence_options(options: dict[str, Any]) -> None:
+    """The solver and preconditioner options' values, before any model is trained (study, tune)."""
+    check_solver_arguments(options["solver"], options["preconditioner"], None, options["preconditioner_options"])
+    check_choice(options["curvature"], tuple(AUTO_DAMPING), "curvature")
+    check_choice(options["gradient"], GRADIENTS, "gradient")
+
+
+@METHODS.register("influence", check=_check_influence_options, solver="cg", curvature="ggn", damping="auto",
+                  preconditioner=None,
                   preconditioner_options=None, gradient="forget",
                   tol=1e-4, max_iter=200, layers=None, curvature_samples=None, seed=0)
 def influence(model: nn.Module, task: UnlearnTask, **hyper: Any) -> nn.Module:
