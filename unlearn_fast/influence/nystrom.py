@@ -101,12 +101,11 @@ def nystrom_preconditioner(op: CurvatureOperator, *, rank: int = NYSTROM_RANK, s
     u, lam = nystrom_sketch(op, rank=rank, seed=seed)
     # r ↦ r + (r U) diag((λ̂_ℓ + μ)/(λ̂ + μ) − 1) Uᵀ: the module doc's M⁻¹, applied without forming it
     scale = ((lam[-1] + op.shift) / (lam + op.shift) - 1).to(op.dtype)
-    basis = u
 
     def apply(r: torch.Tensor) -> torch.Tensor:
-        return r + ((r @ basis) * scale) @ basis.T
+        return r + ((r @ u) * scale) @ u.T
 
-    apply.basis = basis  # type: ignore[attr-defined]
+    apply.basis = u  # type: ignore[attr-defined]
     apply.eigenvalues = lam  # type: ignore[attr-defined]
     return apply
 

@@ -67,6 +67,14 @@ def _batches(inputs: torch.Tensor, labels: torch.Tensor, size: int, device: torc
         yield inputs[start:start + size].to(device), labels[start:start + size].to(device)
 
 
+def _check_influence_options(options: dict[str, Any]) -> None:
+    """The option values checked before any work: by influence_unlearn, and through the method registry
+    by a study or tune before any model is trained."""
+    check_solver_arguments(options["solver"], options["preconditioner"], None, options["preconditioner_options"])
+    check_choice(options["curvature"], tuple(AUTO_DAMPING), "curvature")
+    check_choice(options["gradient"], GRADIENTS, "gradient")
+
+
 def influence_unlearn(
     model: nn.Module,
     forget_ids: Any,
@@ -124,9 +132,8 @@ def influence_unlearn(
     """
     ctx = resolve_context(model, data=data, loss=loss, weight_decay=weight_decay)
     # The cheap checks come before the near-duplicate search, so bad options fail fast.
-    check_choice(gradient, GRADIENTS, "gradient")
-    check_choice(curvature, tuple(AUTO_DAMPING), "curvature")
-    check_solver_arguments(solver, preconditioner, None, preconditioner_options)
+    _check_influence_options({"solver": solver, "preconditioner": preconditioner, "curvature": curvature,
+                              "preconditioner_options": preconditioner_options, "gradient": gradient})
     if curvature_samples is not None:
         check_positive_int(curvature_samples, "curvature_samples")
     check_positive_int(seed, "seed", minimum=0)
@@ -194,13 +201,6 @@ def influence_unlearn(
         iterations=int(result.iterations), converged=bool(result.converged), message=result.message, seconds=seconds,
         similar=expansion,
     )
-
-
-def _check_influence_options(options: dict[str, Any]) -> None:
-    """The solver and preconditioner options' values, before any model is trained (study, tune)."""
-    check_solver_arguments(options["solver"], options["preconditioner"], None, options["preconditioner_options"])
-    check_choice(options["curvature"], tuple(AUTO_DAMPING), "curvature")
-    check_choice(options["gradient"], GRADIENTS, "gradient")
 
 
 @METHODS.register("influence", check=_check_influence_options, solver="cg", curvature="ggn", damping="auto",
