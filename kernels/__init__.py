@@ -10,6 +10,8 @@ works on one layer's cached factors, A [B, T, d_in] (what the weight multiplies)
 - :func:`linear_cross_dots`    ⟨g_i, g'_j⟩ between two factor sets, ghost form → [B1, B2]
 - :func:`linear_weighted_sum`  Σ_i c_{i,k} g_i for C [B, K]               → [K, d_out, d_in]
 - :func:`linear_fisher_vp`     Σ_i ⟨g_i, V_k⟩ g_i (dots, then the weighted sum: two passes) → [K, d_out, d_in]
+- :func:`linear_multi_dots`, :func:`linear_multi_weighted_sum`: dots and weighted sums of R output
+  gradients per sample sharing its A, G [B, R, T, d_out] (the factored GGN); torch path on every device
 
 Backend: :func:`select_backend` picks "triton" for CUDA tensors when Triton imports, else "torch";
 ``UNLEARN_FAST_BACKEND=triton|torch`` forces one (forced Triton on CPU tensors needs the
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from . import torch_path
-from .checks import accumulate_dtype, check_factors, check_vectors, check_weights
+from .checks import accumulate_dtype, check_factors, check_multi_factors, check_vectors, check_weights
 
 BACKENDS = ("triton", "torch")
 BACKEND_ENV = "UNLEARN_FAST_BACKEND"
@@ -64,7 +66,10 @@ def _dispatch(op: str, a: torch.Tensor, args: tuple[Any, ...]) -> torch.Tensor:
         return reference(*args)
     try:
         from . import triton_path
-        return getattr(triton_path, op)(*args)
+        kernel = getattr(triton_path, op, None)
+        if kernel is None:  # no Triton kernel for this operation: the torch path serves every device
+            return reference(*args)
+        return kernel(*args)
     except torch.cuda.OutOfMemoryError:
         raise  # not a kernel failure: the torch path would need more memory still
     except Exception as error:  # noqa: BLE001  (missing Triton, compile or launch failure: torch takes over)
@@ -119,5 +124,23 @@ def linear_fisher_vp(a: torch.Tensor, g: torch.Tensor, v: torch.Tensor, mask: to
     return linear_weighted_sum(a, g, linear_dots(a, g, v, mask), mask)
 
 
+def linear_multi_dots(a: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """⟨G_{i,r}ᵀA_i, V_k⟩ for A [B, T, d_in], G [B, R, T, d_out], V [K, d_out, d_in] → [B, R, K]."""
+    check_multi_factors(a, g)
+    check_vectors(a, g[:, 0], v)
+    if a.shape[0] == 0 or g.shape[1] == 0 or v.shape[0] == 0:
+        return torch.zeros(a.shape[0], g.shape[1], v.shape[0], dtype=accumulate_dtype(a.dtype), device=a.device)
+    return _dispatch("linear_multi_dots", a, (a, g, v))
+
+
+def linear_multi_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Σ_{i,r} c_{i,r,k} G_{i,r}ᵀA_i for A [B, T, d_in], G [B, R, T, d_out], C [B, R, K] → [K, d_out, d_in]."""
+    check_multi_factors(a, g)
+    check_weights(a, c, rows=(g.shape[1],))
+    if a.shape[0] == 0 or g.shape[1] == 0 or c.shape[2] == 0:
+        return torch.zeros(c.shape[2], g.shape[3], a.shape[2], dtype=accumulate_dtype(a.dtype), device=a.device)
+    return _dispatch("linear_multi_weighted_sum", a, (a, g, c))
+
+
 __all__ = ["BACKENDS", "BACKEND_ENV", "select_backend", "linear_dots", "linear_sq_norms", "linear_cross_dots",
-           "linear_weighted_sum", "linear_fisher_vp"]
+           "linear_weighted_sum", "linear_fisher_vp", "linear_multi_dots", "linear_multi_weighted_sum"]

@@ -53,6 +53,14 @@ def check_factors(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None = 
             raise ValueError(f"mask has dtype {mask.dtype}; valid choices: torch.bool or a floating dtype")
 
 
+def check_multi_factors(a: torch.Tensor, g: torch.Tensor) -> None:
+    """A [B, T, d_in] and G [B, R, T, d_out]: R output gradients per sample that share its A."""
+    if not isinstance(g, torch.Tensor) or g.dim() != 4:
+        shape = _shape(g) if isinstance(g, torch.Tensor) else type(g).__name__
+        raise ValueError(f"G must be [B, R, T, d_out] (R output gradients per sample), got {shape}")
+    check_factors(a, g[:, 0])
+
+
 def check_vectors(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
     """V [K, d_out, d_in] matching A [B, T, d_in] and G [B, T, d_out]."""
     if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[1:] != (g.shape[2], a.shape[2]):
@@ -65,11 +73,14 @@ def check_vectors(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
         raise ValueError(f"V is on {w.device} and A on {a.device}; put them on one device")
 
 
-def check_weights(a: torch.Tensor, c: torch.Tensor) -> None:
-    """C [B, K] matching A [B, T, d_in]."""
-    if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[0] != a.shape[0]:
+def check_weights(a: torch.Tensor, c: torch.Tensor, rows: tuple[int, ...] = ()) -> None:
+    """C [B, K] matching A [B, T, d_in]; C [B, *rows, K] when ``rows`` (R gradients per sample: C [B, R, K])."""
+    want = (a.shape[0], *rows)
+    if not isinstance(c, torch.Tensor) or c.dim() != len(want) + 1 or tuple(c.shape[:-1]) != want:
         shape = _shape(c) if isinstance(c, torch.Tensor) else type(c).__name__
-        raise ValueError(f"C must be [B, K] with B = {a.shape[0]} like A {_shape(a)}, got {shape}")
+        axes = "[B, R, K]" if rows else "[B, K]"
+        sizes = ", ".join([f"B = {a.shape[0]}"] + [f"R = {r}" for r in rows])
+        raise ValueError(f"C must be {axes} with {sizes} like A {_shape(a)}, got {shape}")
     if c.dtype not in FLOAT_DTYPES:
         raise ValueError(f"C has dtype {c.dtype}; valid choices: {', '.join(map(str, FLOAT_DTYPES))}")
     if c.device != a.device:

@@ -5,6 +5,8 @@ Per layer, on A [B, T, d_in] and G [B, T, d_out] (the per-sample gradient is g_i
 - :func:`linear_sq_norms`:      ‖g_i‖²                      → [B]
 - :func:`linear_cross_dots`:    ⟨g_i, g'_j⟩ in ghost form   → [B1, B2]
 - :func:`linear_weighted_sum`:  Σ_i c_{i,k} g_i             → [K, d_out, d_in]
+- :func:`linear_multi_dots`, :func:`linear_multi_weighted_sum`: the same for R output gradients per
+  sample that share its A (G [B, R, T, d_out]: the columns of the loss's Hessian root, for the GGN)
 
 A mask [B, T] multiplies G's rows (a masked position contributes nothing). Half inputs are upcast
 and accumulated in float32; other dtypes stay as they are. The dots' [B·T, K, d] products, built
@@ -157,3 +159,51 @@ def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask:
     k = c.shape[1]
     gw = torch.einsum("bk,bto->kobt", c.to(g.dtype), g).reshape(k, d_out, b * t)  # (diag(c) G)ᵀ
     return gw @ a.reshape(b * t, -1)
+
+
+def linear_multi_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """⟨G_{i,r}ᵀA_i, W_k⟩ for A [B, T, d_in], G [B, R, T, d_out], W [K, d_out, d_in] → [B, R, K].
+
+    The R gradients of a sample share its A, so one GEMM A Wᵀ [B·T, K·d_out] serves all of them and is
+    then reduced against each G_{i,r}: B·T·K·d_in·d_out + B·R·T·K·d_out multiply-adds, where treating
+    the B·R gradients as samples would repeat the GEMM R times. K = 1 reduces by mul+sum, K > 1 by a
+    [R, T·d_out] × [T·d_out, K] bmm per sample (a batched GEMV was 3× slower than mul+sum at K = 1).
+    """
+    a, g = _upcast(a, g)
+    w = w.to(g.dtype)
+    b, r, t, d_out = g.shape
+    d_in = a.shape[-1]
+    k = w.shape[0]
+    rows = g.reshape(b, r, t * d_out)
+    out = torch.empty(b, r, k, dtype=g.dtype, device=g.device)
+    step = _k_chunks(k, b * t * d_out)
+    for k0 in range(0, k, step):
+        wk = w[k0:k0 + step]
+        n = wk.shape[0]
+        av = matmul_nt(a.reshape(b * t, d_in), wk.reshape(-1, d_in))  # [B·T, n·d_out]
+        if n == 1:
+            out[:, :, k0] = (rows * av.reshape(b, 1, t * d_out)).sum(-1)
+        else:
+            per_k = av.reshape(b, t, n, d_out).transpose(1, 2).reshape(b, n, t * d_out)
+            out[:, :, k0:k0 + n] = torch.bmm(rows, per_k.transpose(1, 2))
+    return out
+
+
+def linear_multi_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Σ_{i,r} c_{i,r,k} G_{i,r}ᵀA_i for A [B, T, d_in], G [B, R, T, d_out], C [B, R, K] → [K, d_out, d_in].
+
+    Each sample's R gradients are combined first (Σ_r c_{i,r,k} G_{i,r}: a [K, R] × [R, T·d_out] bmm per
+    sample), then one GEMM with A per vector, as in :func:`linear_weighted_sum`.
+    """
+    a, g = _upcast(a, g)
+    b, r, t, d_out = g.shape
+    k = c.shape[2]
+    rows, weights = g.reshape(b, r, t * d_out), c.to(g.dtype).transpose(1, 2)  # [B, K, R]
+    out = torch.empty(k, d_out, a.shape[-1], dtype=g.dtype, device=g.device)
+    step = _k_chunks(k, b * t * d_out)
+    for k0 in range(0, k, step):
+        combined = torch.bmm(weights[:, k0:k0 + step], rows)  # [B, n, T·d_out]
+        n = combined.shape[1]
+        gw = combined.reshape(b, n, t, d_out).permute(1, 3, 0, 2).reshape(n, d_out, b * t)  # (Σ_r c G)ᵀ per vector
+        out[k0:k0 + n] = gw @ a.reshape(b * t, -1)
+    return out

@@ -15,8 +15,11 @@ The training objective is L(θ) + (λ/2)‖θ‖² (torch SGD's ``weight_decay=�
 shape, dtype and device.
 
 Per batch of B samples and K vectors:
-- ggn: Jv by forward mode (``jvp``, vmapped over K) → u = H Jv per sample, analytically → Jᵀu by one
-  ``vjp`` (vmapped over K). Two forward passes and one backward pass; no [B, P] tensor.
+- ggn, K ≥ FACTORED_GGN_MIN_VECTORS: when every chosen parameter has a per-layer rule and R (outputs
+  per sample) times the layers' output gradients of all the data fit CACHE_BYTES, the factored form of
+  :mod:`.ggn_factors`: A and the R output gradients per layer, captured once per batch, then GEMMs and
+  passes over G only. Otherwise, and for fewer vectors (a CG iteration), the linearisation: Jv by forward mode (``jvp``, vmapped over K) → u = H Jv per sample, analytically →
+  Jᵀu by one ``vjp`` (vmapped over K), on each batch's saved forward graph; no [B, P] tensor.
 - hessian: ∇ℓ with ``create_graph`` then one batched double backward (``is_grads_batched``) for all K.
 - fisher: :func:`unlearn_fast.influence.per_sample.factors_fisher_vp` on each batch's factors, captured
   once (:meth:`CurvatureOperator.batch_factors`) and reused by every product.
@@ -29,6 +32,7 @@ and 7.5 ms in one of 1,437), a few sequences of a transformer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -44,6 +48,7 @@ from ..data.similar_dataset import as_tensors
 from ..losses import NAMED_LOSSES, Loss, check_loss, output_loss, per_sample_loss
 from ..modes import eval_mode
 from ..validation import check_choice, check_number, check_positive_int, resolve_device
+from .ggn_factors import capture_ggn_factors, ggn_factor_bytes, ggn_factors_vp
 from .vectors import Vector, as_dict, as_flat, num_params, trainable
 
 CURVATURES = ("ggn", "hessian", "fisher")
@@ -59,6 +64,12 @@ CACHE_BYTES = 1 << 30
 # blocks of 512 (measured in review).
 BATCH_BYTES = 1 << 26
 PROBE_SAMPLES = 8
+# The factored GGN (module doc) serves products of at least this many vectors at once. On the 2-core CPU
+# (digits MLP of benchmarks/test_bench_cg.py, ms per vector, factored / linearised): K = 1 10.3 / 9.0,
+# 3: 9.2 / 9.1, 4: 6.7 / 8.0, 8: 6.4 / 8.7, 16: 5.9 / 12.6, 32: 4.7 / 12.9. Its two passes over the R
+# output gradients per layer are memory-bound and cost what the GEMMs they replace cost, until K
+# vectors share them.
+FACTORED_GGN_MIN_VECTORS = 4
 MAX_MEMORY_BATCH = 2048
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
@@ -174,6 +185,8 @@ class CurvatureOperator:
         self.labels = labels.to(device=self.device, dtype=self.dtype if labels.is_floating_point() else None)
         self._wrapper = None if isinstance(self.loss, str) else _LossModule(model, self.loss)
         self._batched_double_backward = True  # falls back to a loop over K if vmap cannot batch a backward op
+        self._model_device = first.device
+        self._factored_ggn: bool | None = None  # decided on the first GGN product (_ggn_is_factored)
         self._stamp: tuple[Any, ...] | None = None
         self._refresh()
         self.batch_size = int(batch_size) if batch_size is not None else self._memory_batch_size()
@@ -260,13 +273,42 @@ class CurvatureOperator:
             self._cached_bytes += nbytes
         return entry
 
+    def _ggn_is_factored(self) -> bool:
+        """Whether GGN products use the factored form (module doc): the model runs on the operator's
+        device (the capture runs the model itself), every chosen parameter has a rule, and the factors
+        of all N samples, estimated from a forward of a few, fit CACHE_BYTES."""
+        if self._factored_ggn is None:
+            per_sample = None
+            if self.device == self._model_device:
+                per_sample = ggn_factor_bytes(self.model, self.params, self.inputs[:PROBE_SAMPLES])
+            self._factored_ggn = per_sample is not None and per_sample * self.n <= CACHE_BYTES
+        return self._factored_ggn
+
+    def _ggn_factors(self, x: torch.Tensor) -> Any:
+        """The factored GGN's factors of one batch, kept across products while they fit CACHE_BYTES."""
+        key = (x.data_ptr(), x.shape[0])
+        factors = self._factor_cache.get(key)  # a GGN operator has no Fisher factors to keep there
+        if factors is None:
+            factors = capture_ggn_factors(self.model, self.loss, x, self.params)  # type: ignore[arg-type]
+            if self._cached_bytes + factors.nbytes() <= CACHE_BYTES:
+                self._factor_cache[key] = factors
+                self._cached_bytes += factors.nbytes()
+        return factors
+
     def _batch(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[start:start + self.batch_size], self.labels[start:start + self.batch_size]
 
     def _ggn(self, start: int, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = self._batch(start)
+        k = next(iter(v.values())).shape[0]
+        if k >= FACTORED_GGN_MIN_VECTORS and self._ggn_is_factored():
+            factors = self._ggn_factors(x)
+            if self.loss == "mse" and y[0].numel() != math.prod(factors.output_shape):
+                raise ValueError(f"mse needs targets shaped like the model's outputs {factors.output_shape} per sample, "
+                                 f"got {tuple(y.shape[1:])}")
+            return ggn_factors_vp(factors, v, self.params)
         out, pullback, jvp_fn = self._ggn_linearisation(x)
-        single = next(iter(v.values())).shape[0] == 1  # K = 1 (a CG solve): plain GEMMs, not vmap's bmm
+        single = k == 1  # K = 1 (a CG solve): plain GEMMs, not vmap's bmm
         jv = jvp_fn({n: t[0] for n, t in v.items()}).unsqueeze(0) if single else vmap(jvp_fn)(v)  # [K, B, *out]
         z = out.detach()
         if self.loss == "cross_entropy":

@@ -12,6 +12,9 @@ A rule provides the per-sample gradient g_i in factored form, and the products b
 - ``weighted_sum``:  Σ_i c_{i,k} g_i             → [K, *shape]
 - ``cross_dots``:    ⟨g_i, g_j⟩ between two cached sets of samples → [B1, B2]
 - ``per_sample``:    g_i materialised             → [B, *shape] (reference and small layers only)
+- ``multi_dots`` / ``multi_weighted_sum``: the same for R output gradients per sample, G [B, R, T, ·]
+  sharing one A (the factored GGN, :mod:`.ggn_factors`); by default the B·R pairs are treated as
+  samples with A repeated, Linear-type layers share one GEMM across the R gradients instead
 
 For Linear-type layers g_i = G_iᵀA_i is never built for the whole batch: the weight's dots, norms,
 weighted sums and ghost-form cross dots go through the kernel dispatch (:mod:`unlearn_fast.kernels`:
@@ -44,6 +47,11 @@ def _ghost_cheaper(b1: int, b2: int, t1: int, t2: int, d_in: int, d_out: int) ->
     return b1 * b2 * t1 * t2 * (d_in + d_out) <= (b1 * t1 + b2 * t2 + b1 * b2) * d_in * d_out
 
 
+def _position_sums(g: torch.Tensor) -> torch.Tensor:
+    """G [B, R, T, d] summed over positions → [B, R, d] (a view when T = 1)."""
+    return g[:, :, 0] if g.shape[2] == 1 else g.sum(2)
+
+
 def _same_id(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return x1 == x2.T
 
@@ -60,8 +68,21 @@ class Rule:
     def prepare(self, module: nn.Module, inp: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def prepare_grad(self, module: nn.Module, inp: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """G alone, for another output gradient of an input whose A is known already."""
+        return self.prepare(module, inp, grad_out)[1]
+
     def per_sample(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def multi_dots(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
+        """⟨g_{i,r}, v_k⟩ for R output gradients per sample, G [B, R, T, ·] sharing A [B, T, ·] → [B, R, K]."""
+        b, r = g.shape[:2]
+        return self.dots(module, a.repeat_interleave(r, dim=0), g.flatten(0, 1), v).reshape(b, r, -1)
+
+    def multi_weighted_sum(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Σ_{i,r} c_{i,r,k} g_{i,r} for C [B, R, K] → name → [K, *shape]."""
+        return self.weighted_sum(module, a.repeat_interleave(g.shape[1], dim=0), g.flatten(0, 1), c.flatten(0, 1))
 
     def dots(self, module: nn.Module, a: torch.Tensor, g: torch.Tensor, v: dict[str, torch.Tensor]) -> torch.Tensor:
         grads = self.per_sample(module, a, g)
@@ -148,6 +169,25 @@ class LinearRule(Rule):
             out["bias"] = torch.einsum("bk,bto->ko", c, g)
         return out
 
+    def multi_dots(self, module, a, g, v):
+        names = self.params(module)
+        total = torch.zeros(g.shape[0], g.shape[1], next(iter(v.values())).shape[0], dtype=g.dtype, device=g.device)
+        if "weight" in names:
+            total += kernels.linear_multi_dots(a, g, self.to_matrix(module, v["weight"]))
+        if "bias" in names:
+            total += _position_sums(g) @ v["bias"].T
+        return total
+
+    def multi_weighted_sum(self, module, a, g, c):
+        names = self.params(module)
+        out = {}
+        c = c.to(g.dtype)
+        if "weight" in names:
+            out["weight"] = self.from_matrix(module, kernels.linear_multi_weighted_sum(a, g, c))
+        if "bias" in names:  # Σ_{i,r} c_{i,r,k} Σ_t G_{i,r,t}: one [K, B·R] × [B·R, d_out] GEMM
+            out["bias"] = c.reshape(-1, c.shape[-1]).T @ _position_sums(g).reshape(-1, g.shape[-1])
+        return out
+
     def cross_dots(self, module, a1, g1, a2, g2):
         names = self.params(module)
         (b1, t1, d_out), (b2, t2, _) = g1.shape, g2.shape
@@ -198,7 +238,10 @@ class Conv2dRule(LinearRule):
 
     def prepare(self, module, inp, grad_out):
         patches = conv_patches(inp, module.kernel_size, module.stride, module.padding, module.dilation)
-        return patches, grad_out.flatten(2).transpose(1, 2)
+        return patches, self.prepare_grad(module, inp, grad_out)
+
+    def prepare_grad(self, module, inp, grad_out):
+        return grad_out.flatten(2).transpose(1, 2)
 
     def to_matrix(self, module, w):
         return w.reshape(*w.shape[:-3], -1) if w.dim() == 5 else w.reshape(w.shape[0], -1)

@@ -30,7 +30,9 @@ about 5·P·ℓ floats of the operator's dtype at the peak (Ω, Y, Y L⁻ᵀ, U 
 measured 311 MiB at P = 506k, ℓ = 32), so restrict ``layers`` on large models; two [k, P] × [P, ℓ]
 products per application. Measured (benchmarks/RESULTS.md): the GGN solve of the CG benchmark 1.8–2.1× faster
 (175 → 52–55 iterations plus 32 sketch products), the default digits ``influence_unlearn`` 1.35×
-(72 → 24).
+(72 → 24). The sketch's products come 16 at a time, so a GGN operator serves them in its factored
+form (:mod:`.ggn_factors`): the 32 took 322–340 ms there against 479–520 ms linearised (warm), of which
+about 100 ms is the QR, triangular solve and SVD above.
 """
 
 from __future__ import annotations

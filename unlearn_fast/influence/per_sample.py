@@ -8,6 +8,8 @@ factored per layer. Parameters of layers without a rule use chunked torch.func m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +46,12 @@ class Captured:
     fallback: list[str]             # global names of parameters without a rule
 
 
-def _plan(model: nn.Module, params: dict[str, nn.Parameter]) -> tuple[list[tuple[str, nn.Module, Rule, dict[str, str]]], list[str]]:
-    """Which modules are handled by a rule, and which chosen parameters fall back."""
+Planned = list[tuple[str, nn.Module, Rule, dict[str, str]]]
+
+
+def plan_layers(model: nn.Module, params: dict[str, nn.Parameter]) -> tuple[Planned, list[str]]:
+    """(module name, module, rule, local → global parameter names) of each module a rule handles, and
+    the chosen parameters that fall back (no rule)."""
     covered, planned = set(), []
     for module_name, module in model.named_modules():
         local = {n: f"{module_name}.{n}" if module_name else n for n, p in module.named_parameters(recurse=False)}
@@ -60,11 +66,12 @@ def _plan(model: nn.Module, params: dict[str, nn.Parameter]) -> tuple[list[tuple
     return planned, [n for n in params if n not in covered]
 
 
-def capture(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> Captured:
-    """Run ``batch`` once forward and backward and cache each covered layer's (A, G)."""
-    planned, fallback = _plan(model, params)
-    inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(planned))}
-    outputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(planned))}
+@contextmanager
+def recording(planned: Planned) -> Iterator[tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]]:
+    """Within the block, every call of a planned module appends its (detached) input and its output to
+    the yielded lists, one list per planned module (forward hooks, removed on exit)."""
+    inputs: list[list[torch.Tensor]] = [[] for _ in planned]
+    outputs: list[list[torch.Tensor]] = [[] for _ in planned]
     handles = []
     for index, (_, module, _, _) in enumerate(planned):
         def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, index: int = index) -> None:
@@ -72,11 +79,18 @@ def capture(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Par
             outputs[index].append(out)
         handles.append(module.register_forward_hook(hook))
     try:
-        losses = per_sample_loss(model, loss, batch)
+        yield inputs, outputs
     finally:
         for handle in handles:
             handle.remove()
-    flat_outputs = [o for i in range(len(planned)) for o in outputs[i]]
+
+
+def capture(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> Captured:
+    """Run ``batch`` once forward and backward and cache each covered layer's (A, G)."""
+    planned, fallback = plan_layers(model, params)
+    with recording(planned) as (inputs, outputs):
+        losses = per_sample_loss(model, loss, batch)
+    flat_outputs = [o for calls in outputs for o in calls]
     grads = torch.autograd.grad(losses.sum(), flat_outputs, allow_unused=True) if flat_outputs else ()
     layers, cursor = [], 0
     for index, (module_name, module, rule, names) in enumerate(planned):
@@ -84,17 +98,25 @@ def capture(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Par
         for inp, out in zip(inputs[index], outputs[index]):
             g_out = grads[cursor] if grads[cursor] is not None else torch.zeros_like(out)
             cursor += 1
-            if not torch.isfinite(g_out).all():
-                raise ValueError(f"non-finite output gradient at layer {module_name!r} ({type(module).__name__})")
+            check_output_grad(g_out, module_name, module)
             a, g = rule.prepare(module, inp, g_out.detach())
             a_parts.append(a)
             g_parts.append(g)
         if not a_parts:  # module not used in this forward
             continue
-        # A module called several times sums its contributions: the calls join the position axis.
-        joined = [parts[0] if len(parts) == 1 else torch.cat(parts, 1) for parts in (a_parts, g_parts)]  # no copy for one call
-        layers.append(LayerCache(module_name, module, rule, joined[0], joined[1], names))
+        layers.append(LayerCache(module_name, module, rule, join_calls(a_parts), join_calls(g_parts), names))
     return Captured(losses.detach(), layers, fallback)
+
+
+def check_output_grad(g_out: torch.Tensor, module_name: str, module: nn.Module, what: str = "output gradient") -> None:
+    if not torch.isfinite(g_out).all():
+        raise ValueError(f"non-finite {what} at layer {module_name!r} ({type(module).__name__}): the model's outputs "
+                         "or loss overflow at these parameters (check the model and data, or use float64)")
+
+
+def join_calls(parts: list[torch.Tensor], axis: int = 1) -> torch.Tensor:
+    """A module called several times sums its contributions: the calls join the position axis (no copy for one call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, axis)
 
 
 def fallback_grads(model: nn.Module, loss: Loss, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
@@ -137,7 +159,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def _check_finite(values: torch.Tensor, what: str, where: str) -> torch.Tensor:
+def check_finite(values: torch.Tensor, what: str, where: str) -> torch.Tensor:
     if not torch.isfinite(values).all():
         raise ValueError(f"non-finite {what} at {where}")
     return values
@@ -191,9 +213,9 @@ def factors_sq_norms(factors: Factors) -> torch.Tensor:
     cap = factors.captured
     total = torch.zeros(factors.batch_size, dtype=cap.losses.dtype, device=cap.losses.device)
     for layer in cap.layers:
-        total += _check_finite(layer.rule.sq_norms(layer.module, layer.a, layer.g), "gradient norm", f"layer {layer.module_name!r}")
+        total += check_finite(layer.rule.sq_norms(layer.module, layer.a, layer.g), "gradient norm", f"layer {layer.module_name!r}")
     for name, g in factors.fallback.items():
-        total += _check_finite(_rows(g).pow(2).sum(1), "gradient norm", f"parameter {name!r}")
+        total += check_finite(_rows(g).pow(2).sum(1), "gradient norm", f"parameter {name!r}")
     return total
 
 
@@ -203,9 +225,9 @@ def factors_dots(factors: Factors, vectors: dict[str, torch.Tensor]) -> torch.Te
     total = torch.zeros(factors.batch_size, next(iter(vectors.values())).shape[0], dtype=cap.losses.dtype, device=cap.losses.device)
     for layer in cap.layers:
         local_v = {local: vectors[full].to(layer.g.dtype) for local, full in layer.names.items()}
-        total += _check_finite(layer.rule.dots(layer.module, layer.a, layer.g, local_v), "gradient dot", f"layer {layer.module_name!r}")
+        total += check_finite(layer.rule.dots(layer.module, layer.a, layer.g, local_v), "gradient dot", f"layer {layer.module_name!r}")
     for name, g in factors.fallback.items():
-        total += _check_finite(_rows(g) @ _rows(vectors[name]).to(g.dtype).T, "gradient dot", f"parameter {name!r}")
+        total += check_finite(_rows(g) @ _rows(vectors[name]).to(g.dtype).T, "gradient dot", f"parameter {name!r}")
     return total
 
 
@@ -215,7 +237,7 @@ def factors_weighted_sum(factors: Factors, c: torch.Tensor, params: dict[str, nn
     out: dict[str, torch.Tensor] = {}
     for layer in cap.layers:
         for local, value in layer.rule.weighted_sum(layer.module, layer.a, layer.g, c.to(layer.g.dtype)).items():
-            out[layer.names[local]] = _check_finite(value, "weighted gradient sum", f"layer {layer.module_name!r}")
+            out[layer.names[local]] = check_finite(value, "weighted gradient sum", f"layer {layer.module_name!r}")
     for name, g in factors.fallback.items():
         out[name] = (c.to(g.dtype).T @ _rows(g)).reshape(c.shape[1], *g.shape[1:])
     # a module unused by this batch's forward has zero gradients
@@ -246,9 +268,9 @@ def factors_gram(first: Factors, second: Factors, dtype: torch.dtype | None = No
         if other is None:  # the module did not run on the second batch: its gradients there are zero
             continue
         block = layer.rule.cross_dots(layer.module, layer.a, layer.g, other.a, other.g)
-        out += _check_finite(block, "gradient Gram", f"layer {layer.module_name!r}")
+        out += check_finite(block, "gradient Gram", f"layer {layer.module_name!r}")
     for name, g in first.fallback.items():
-        out += _check_finite(_rows(g) @ _rows(second.fallback[name]).T, "gradient Gram", f"parameter {name!r}")
+        out += check_finite(_rows(g) @ _rows(second.fallback[name]).T, "gradient Gram", f"parameter {name!r}")
     return out
 
 
@@ -288,5 +310,5 @@ def loss_gradient(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, 
         grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
     out = {}
     for (name, p), g in zip(params.items(), grads):
-        out[name] = _check_finite(g if g is not None else torch.zeros_like(p), "gradient", f"parameter {name!r}")
+        out[name] = check_finite(g if g is not None else torch.zeros_like(p), "gradient", f"parameter {name!r}")
     return out
