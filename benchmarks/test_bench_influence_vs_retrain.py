@@ -38,7 +38,8 @@ SETTINGS = {
         "data": lambda: uf.load_dataset("digits-blockmask", copies=0),
         "recipe": default_recipe("digits-blockmask"),
         "rounds": 3,
-        "variants": {"cg": {}, "cg + nystrom": {"preconditioner": "nystrom"}, "ekfac": {"solver": "ekfac"}},
+        "variants": {"cg": {}, "cg + nystrom": {"preconditioner": "nystrom"}, "cg + woodbury": {"preconditioner": "woodbury"},
+                     "ekfac": {"solver": "ekfac"}},
     },
     "augmented digits cnn 51k": {
         "data": augmented_digits,

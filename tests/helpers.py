@@ -54,6 +54,17 @@ class TextModel(nn.Module):
         return h.sum(1) / mask.sum(1).clamp(min=1) * self.scale
 
 
+class ScaledLinear(nn.Module):
+    """Linear(d_in, d_out) times a bare per-output parameter ``scale``, which no per-layer rule covers."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.body, self.scale = nn.Linear(d_in, d_out), nn.Parameter(torch.ones(d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.scale
+
+
 def padded_ids(b: int, t: int, vocab: int) -> torch.Tensor:
     """[b, t] token ids in [1, vocab), right-padded with 0 to random lengths in [1, t]."""
     ids = torch.randint(1, vocab, (b, t))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from helpers import ScaledLinear
 from test_curvature import F64_TOL, TextModel, problem, ref_matrix, rel_err
 from torch import nn
 
@@ -137,17 +138,9 @@ def test_layers_restriction_and_module_called_twice():
 
 
 def test_no_rule_or_no_room_falls_back_to_the_linearisation(monkeypatch):
-    class Scaled(nn.Module):  # a bare parameter: no per-layer rule covers it
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.scale = nn.Linear(3, 4), nn.Parameter(torch.ones(4))
-
-        def forward(self, x):
-            return self.body(x) * self.scale
-
     torch.manual_seed(0)
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
-    model = Scaled().double()
+    model = ScaledLinear(3, 4).double()  # its bare parameter 'scale' has no per-layer rule
     assert ggn_factor_bytes(model, trainable(model), x[:2]) is None
     with pytest.raises(ValueError, match=r"needs a per-layer rule for every parameter; \['scale'\]"):
         capture_ggn_factors(model, "cross_entropy", x, trainable(model))

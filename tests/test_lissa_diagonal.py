@@ -266,8 +266,8 @@ def test_diagonal_preconditioner_cuts_cg_iterations_on_badly_scaled_logistic_reg
 def test_bad_preconditioner_input_names_the_choices():
     model, x, y = mlp_problem(6, n=5)
     b = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
-    assert PRECONDITIONERS == ("kfac", "ekfac", "diagonal", "nystrom")
-    with pytest.raises(ValueError, match="preconditioner='jacobi' is not valid; valid choices: 'kfac', 'ekfac', 'diagonal', 'nystrom'"):
+    assert PRECONDITIONERS == ("kfac", "ekfac", "diagonal", "nystrom", "woodbury")
+    with pytest.raises(ValueError, match="preconditioner='jacobi' is not valid; valid choices: 'kfac', 'ekfac', 'diagonal', 'nystrom', 'woodbury'"):
         solve(model, "cross_entropy", (x, y), b, preconditioner="jacobi")
     with pytest.raises(ValueError, match="preconditioner='diagonal' works with solver='cg' only, not solver='lissa'"):
         solve(model, "cross_entropy", (x, y), b, solver="lissa", preconditioner="diagonal")

@@ -48,7 +48,7 @@ from ..data.similar_dataset import as_tensors
 from ..losses import NAMED_LOSSES, Loss, check_loss, output_loss, per_sample_loss
 from ..modes import eval_mode
 from ..validation import check_choice, check_number, check_positive_int, resolve_device
-from .ggn_factors import capture_ggn_factors, ggn_factor_bytes, ggn_factors_vp
+from .ggn_factors import GGNFactors, capture_ggn_factors, ggn_factor_bytes, ggn_factors_vp
 from .vectors import Vector, as_dict, as_flat, num_params, trainable
 
 CURVATURES = ("ggn", "hessian", "fisher")
@@ -187,6 +187,7 @@ class CurvatureOperator:
         self._batched_double_backward = True  # falls back to a loop over K if vmap cannot batch a backward op
         self._model_device = first.device
         self._factored_ggn: bool | None = None  # decided on the first GGN product (_ggn_is_factored)
+        self._ggn_bytes: int | None = None  # GGN factor bytes per sample, 0 without a factored form (probed once)
         self._stamp: tuple[Any, ...] | None = None
         self._refresh()
         self.batch_size = int(batch_size) if batch_size is not None else self._memory_batch_size()
@@ -273,19 +274,40 @@ class CurvatureOperator:
             self._cached_bytes += nbytes
         return entry
 
+    def _ggn_factor_problem(self) -> str | None:
+        """Why this operator has no factored GGN (:mod:`.ggn_factors`) even for one batch, or None."""
+        if self.kind != "ggn":
+            return f"the factored GGN needs kind='ggn', got kind={self.kind!r}"
+        if self.device != self._model_device:
+            return (f"the factored GGN runs the model itself, whose parameters are on {self._model_device}, not on the "
+                    f"operator's device {self.device}")
+        if self._ggn_bytes is None:  # probed once: one forward of a few samples
+            self._ggn_bytes = ggn_factor_bytes(self.model, self.params, self.inputs[:PROBE_SAMPLES]) or 0
+        if not self._ggn_bytes:
+            return "the factored GGN needs a per-layer rule for every chosen parameter, and some have none"
+        if self._ggn_bytes * self.batch_size > CACHE_BYTES:
+            return (f"one batch's GGN factors would take {self._ggn_bytes * self.batch_size / 2**30:.1f} GiB (the model's "
+                    f"outputs per sample times its layers' output gradients), above CACHE_BYTES: lower batch_size")
+        return None
+
     def _ggn_is_factored(self) -> bool:
-        """Whether GGN products use the factored form (module doc): the model runs on the operator's
-        device (the capture runs the model itself), every chosen parameter has a rule, and the factors
-        of all N samples, estimated from a forward of a few, fit CACHE_BYTES."""
+        """Whether products of K ≥ FACTORED_GGN_MIN_VECTORS use the factored GGN (module doc): it exists
+        here and the factors of all N samples, estimated from a forward of a few, fit CACHE_BYTES."""
         if self._factored_ggn is None:
-            per_sample = None
-            if self.device == self._model_device:
-                per_sample = ggn_factor_bytes(self.model, self.params, self.inputs[:PROBE_SAMPLES])
-            self._factored_ggn = per_sample is not None and per_sample * self.n <= CACHE_BYTES
+            self._factored_ggn = self._ggn_factor_problem() is None and self._ggn_bytes * self.n <= CACHE_BYTES
         return self._factored_ggn
 
-    def _ggn_factors(self, x: torch.Tensor) -> Any:
-        """The factored GGN's factors of one batch, kept across products while they fit CACHE_BYTES."""
+    def ggn_batch_factors(self, start: int) -> GGNFactors:
+        """The factored GGN's factors (:class:`.ggn_factors.GGNFactors`) of the batch that begins at sample
+        ``start``, kept across products while they fit CACHE_BYTES (as :meth:`batch_factors` for the
+        Fisher). Raises ValueError, saying why, when this operator has no factored GGN."""
+        self._refresh()
+        problem = self._ggn_factor_problem()
+        if problem is not None:
+            raise ValueError(problem)
+        return self._ggn_factors(self._batch(start)[0])
+
+    def _ggn_factors(self, x: torch.Tensor) -> GGNFactors:
         key = (x.data_ptr(), x.shape[0])
         factors = self._factor_cache.get(key)  # a GGN operator has no Fisher factors to keep there
         if factors is None:
@@ -383,6 +405,17 @@ class CurvatureOperator:
         return factors_fisher_vp(self.batch_factors(start), v, self.params)
 
 
+def check_psd_with_shift(op: CurvatureOperator, what: str, needs_shift: str) -> None:
+    """Refuse a Hessian operator (indefinite in general) and a zero shift λ + δ for ``what`` (a
+    preconditioner that needs C positive semi-definite and A = C + (λ+δ) I invertible: ``needs_shift`` says why)."""
+    if op.kind == "hessian":
+        raise ValueError(f"{what} needs a positive semi-definite curvature; curvature='hessian' is indefinite in general: "
+                         "use curvature='ggn' or 'fisher'")
+    if op.shift <= 0:
+        raise ValueError(f"{what} needs weight_decay + damping > 0 (got {op.weight_decay:g} + {op.damping:g}): "
+                         f"{needs_shift}; raise damping")
+
+
 def curvature_vp(model: nn.Module, loss: Loss, data: Data, v: Vector, *, kind: str = "ggn", weight_decay: float = 0.0,
                  damping: float = 0.0, batch_size: int | None = None, layers: list[str] | None = None,
                  device: str | torch.device | None = None, progress: bool = False) -> Vector:
@@ -397,4 +430,4 @@ def curvature_vp(model: nn.Module, loss: Loss, data: Data, v: Vector, *, kind: s
     return op(v)
 
 
-__all__ = ["CURVATURES", "CurvatureOperator", "curvature_vp"]
+__all__ = ["CURVATURES", "CurvatureOperator", "check_psd_with_shift", "curvature_vp"]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..modes import eval_mode
 from .cotangents import hessian_root_times
 from .per_sample import LayerCache, check_finite, check_output_grad, join_calls, plan_layers, recording
 
@@ -63,12 +64,13 @@ def _batched_grads(z: torch.Tensor, outputs: list[torch.Tensor], cotangents: tor
 
 
 def capture_ggn_factors(model: nn.Module, loss: str, inputs: torch.Tensor, params: dict[str, nn.Parameter]) -> GGNFactors:
-    """One forward of ``inputs`` [B, ...] and one R-fold backward: the factors of every GGN product of
-    this batch, for the parameters ``params`` (all of which must have a rule, see :func:`ggn_factor_bytes`)."""
+    """One forward of ``inputs`` [B, ...] and one R-fold backward, in eval mode: the factors of every GGN
+    product of this batch, for the parameters ``params`` (all of which must have a rule, see
+    :func:`ggn_factor_bytes`)."""
     planned, fallback = plan_layers(model, params)
     if fallback:
         raise ValueError(f"the factored GGN needs a per-layer rule for every parameter; {fallback} have none")
-    with torch.enable_grad():
+    with torch.enable_grad(), eval_mode(model):  # backpropagates even when the caller runs under no_grad
         with recording(planned) as (layer_inputs, layer_outputs):
             z = model(inputs)
         columns = hessian_root_columns(loss, z)
@@ -95,7 +97,7 @@ def ggn_factor_bytes(model: nn.Module, params: dict[str, nn.Parameter], probe: t
     planned, fallback = plan_layers(model, params)
     if fallback:
         return None
-    with torch.no_grad(), recording(planned) as (layer_inputs, layer_outputs):
+    with torch.no_grad(), eval_mode(model), recording(planned) as (layer_inputs, layer_outputs):
         z = model(probe)
     columns = z[0].numel()
     total = 0

@@ -42,7 +42,7 @@ from collections.abc import Callable
 import torch
 
 from ..validation import check_int_in, check_positive_int
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, check_psd_with_shift
 
 # Rank of the sketch. On the digits MLP (N = 1,437, P = 85k, μ = 1e-3, the GGN; benchmarks/RESULTS.md),
 # CG took 175 plain iterations and 128, 79, 60, 52, 41, 34 with ℓ = 8, 16, 24, 32, 48, 64: the whole
@@ -94,12 +94,7 @@ def nystrom_preconditioner(op: CurvatureOperator, *, rank: int = NYSTROM_RANK, s
     The returned function carries ``.basis`` U [P, ℓ] and ``.eigenvalues`` λ̂ [ℓ] of the sketch.
     ``progress`` is accepted for the builders' common signature (the sketch is ⌈ℓ/16⌉ products).
     """
-    if op.kind == "hessian":
-        raise ValueError("preconditioner='nystrom' needs a positive semi-definite curvature; curvature='hessian' "
-                         "is indefinite in general: use curvature='ggn' or 'fisher'")
-    if op.shift <= 0:
-        raise ValueError(f"preconditioner='nystrom' needs weight_decay + damping > 0 (got {op.weight_decay:g} + "
-                         f"{op.damping:g}): M⁻¹ divides by λ̂ + μ, and λ̂ is 0 beyond C's rank; raise damping")
+    check_psd_with_shift(op, "preconditioner='nystrom'", "M⁻¹ divides by λ̂ + μ, and λ̂ is 0 beyond C's rank")
     u, lam = nystrom_sketch(op, rank=rank, seed=seed)
     # r ↦ r + (r U) diag((λ̂_ℓ + μ)/(λ̂ + μ) − 1) Uᵀ: the module doc's M⁻¹, applied without forming it
     scale = ((lam[-1] + op.shift) / (lam + op.shift) - 1).to(op.dtype)

@@ -38,7 +38,10 @@ beyond these (``fn.options``, a tuple of names) come through ``solver_options``)
 model with few outputs, Hutchinson's estimate otherwise); ``preconditioner="nystrom"`` with the
 randomized Nyström preconditioner of :mod:`.nystrom` (a rank-32 sketch of C from 32 products; it
 keeps the eigenvalue cluster at λ + δ that the other three spread, and halved the GGN solve of the
-CG benchmark). Building a preconditioner costs products or data passes not counted in ``iterations``.
+CG benchmark); ``preconditioner="woodbury"`` with the Woodbury inverse of the curvature's ``rank``
+heaviest pseudo-samples (:func:`.woodbury.woodbury_preconditioner`, ``fisher`` and ``ggn`` only: the GGN
+needs a per-layer rule for every parameter): on the CG benchmark's GGN 10 iterations instead of 175,
+6× faster than dattri. Building a preconditioner costs products or data passes not counted in ``iterations``.
 
 Whatever the solver, the reported residuals ‖b_k − A x_k‖ / ‖b_k‖ come from one fresh product at the
 end: the true residual, not CG's recursive estimate (which drifts from it under rounding).
@@ -64,7 +67,7 @@ from .lissa import lissa
 from .nystrom import nystrom_preconditioner
 from .preconditioners import diagonal_preconditioner
 from .vectors import Vector, as_dict, as_flat
-from .woodbury import woodbury_solver
+from .woodbury import woodbury_preconditioner, woodbury_solver
 
 EXACT_MAX_PARAMS = 10_000  # a dense float64 [P, P] is 0.8 GB at 10k, and the solve copies it about twice
 MAX_REPLACEMENTS = 3  # cg restarts from the true residual at most this often per column (a rounding floor)
@@ -207,6 +210,7 @@ _PRECONDITIONER_BUILDERS: dict[str, tuple[Callable[..., Callable[[torch.Tensor],
               ("samples", "seed")),
     "diagonal": (lambda op, progress, **o: diagonal_preconditioner(op, progress=progress, **o), ("probes", "seed")),
     "nystrom": (lambda op, progress, **o: nystrom_preconditioner(op, progress=progress, **o), ("rank", "seed")),
+    "woodbury": (lambda op, progress, **o: woodbury_preconditioner(op, progress=progress, **o), ("rank",)),
 }
 PRECONDITIONERS = tuple(_PRECONDITIONER_BUILDERS)
 
@@ -253,8 +257,8 @@ def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", to
 
     ``solver_options``: extra keyword options of the solver (``lissa``: ``scale``, ``power_iterations``,
     ``seed``); ``preconditioner_options`` those of the preconditioner (``nystrom``: ``rank``, ``seed``;
-    ``kfac``/``ekfac``: ``samples``, ``seed``; ``diagonal``: ``probes``, ``seed``). A key that is not
-    taken raises, naming the valid ones.
+    ``woodbury``: ``rank``; ``kfac``/``ekfac``: ``samples``, ``seed``; ``diagonal``: ``probes``, ``seed``).
+    A key that is not taken raises, naming the valid ones.
     """
     options, pre_options = check_solver_arguments(solver, preconditioner, solver_options, preconditioner_options)
     tol = check_number(tol, "tol", low=0.0, low_open=True)
@@ -310,7 +314,8 @@ def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str 
     ``preconditioner="kfac"`` / ``"ekfac"`` preconditions ``solver="cg"`` with it, ``"diagonal"`` with
     the curvature's diagonal (Jacobi). ``solver="lissa"`` runs the LiSSA recursion (slow for small
     damping; for reference). ``preconditioner="nystrom"`` preconditions cg with a randomized low-rank
-    sketch of the curvature (:mod:`.nystrom`). ``batch_size=None`` sizes the batches of the curvature
+    sketch of the curvature (:mod:`.nystrom`), ``"woodbury"`` with the exact inverse of the curvature's
+    heaviest pseudo-samples (:mod:`.woodbury`; fisher and ggn). ``batch_size=None`` sizes the batches of the curvature
     products by the model's activation memory (:mod:`.curvature`). ``solver_options``: the solver's extra keyword options (``lissa``:
     ``scale``, ``power_iterations``, ``seed``); ``preconditioner_options`` the preconditioner's (see
     :func:`solve_operator`).

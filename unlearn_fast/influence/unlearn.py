@@ -108,12 +108,14 @@ def influence_unlearn(
         solver: "cg" (iterative), "exact" (dense, small models), "lissa" (the LiSSA recursion,
             slow for small damping), or the direct block-diagonal approximations "kfac" / "ekfac";
             curvature: "ggn" (default), "fisher" or "hessian".
-        preconditioner: None, "kfac", "ekfac", "diagonal" (Jacobi) or "nystrom" (a randomized
-            low-rank sketch), for cg. The first three help ill-scaled single layers (on the digits
-            MLPs they raised the iterations); "nystrom" cut the default digits step 1.35× (72 → 24
-            iterations, plus 32 products for the sketch); it needs about 5·P·32 floats of memory.
-        preconditioner_options: its keyword options (nystrom: rank, seed; kfac/ekfac: samples, seed;
-            diagonal: probes, seed).
+        preconditioner: None, "kfac", "ekfac", "diagonal" (Jacobi), "nystrom" (a randomized
+            low-rank sketch) or "woodbury" (the exact inverse of the curvature's 1,000 heaviest
+            pseudo-samples; ggn and fisher), for cg. The first three help ill-scaled single layers
+            (on the digits MLPs they raised the iterations); "nystrom" cut the default digits step
+            1.35× (72 → 24 iterations, plus 32 products for the sketch; about 5·P·32 floats of
+            memory), "woodbury" 2.2× (to 100 ms, 4× faster than retraining).
+        preconditioner_options: its keyword options (nystrom: rank, seed; woodbury: rank;
+            kfac/ekfac: samples, seed; diagonal: probes, seed).
         damping: added to the curvature's diagonal; "auto" is 1e-3 (ggn, fisher) or 1e-2 (hessian).
         gradient: "forget" (influence form, m samples) or "retain" (direct ∇L_R over the retain set).
         layers: restrict the step to the parameters of these named modules.
