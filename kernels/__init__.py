@@ -126,8 +126,7 @@ def linear_fisher_vp(a: torch.Tensor, g: torch.Tensor, v: torch.Tensor, mask: to
 
 def linear_multi_dots(a: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """⟨G_{i,r}ᵀA_i, V_k⟩ for A [B, T, d_in], G [B, R, T, d_out], V [K, d_out, d_in] → [B, R, K]."""
-    check_multi_factors(a, g)
-    check_vectors(a, g[:, 0], v)
+    check_vectors(a, check_multi_factors(a, g), v)
     if a.shape[0] == 0 or g.shape[1] == 0 or v.shape[0] == 0:
         return torch.zeros(a.shape[0], g.shape[1], v.shape[0], dtype=accumulate_dtype(a.dtype), device=a.device)
     return _dispatch("linear_multi_dots", a, (a, g, v))

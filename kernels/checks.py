@@ -53,12 +53,15 @@ def check_factors(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None = 
             raise ValueError(f"mask has dtype {mask.dtype}; valid choices: torch.bool or a floating dtype")
 
 
-def check_multi_factors(a: torch.Tensor, g: torch.Tensor) -> None:
-    """A [B, T, d_in] and G [B, R, T, d_out]: R output gradients per sample that share its A."""
+def check_multi_factors(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A [B, T, d_in] and G [B, R, T, d_out]: R output gradients per sample that share its A. Returns a
+    [B, T, d_out] stand-in for G (one of its R slices) for the checks of the single-gradient form."""
     if not isinstance(g, torch.Tensor) or g.dim() != 4:
         shape = _shape(g) if isinstance(g, torch.Tensor) else type(g).__name__
         raise ValueError(f"G must be [B, R, T, d_out] (R output gradients per sample), got {shape}")
-    check_factors(a, g[:, 0])
+    single = g[:, 0] if g.shape[1] else g.sum(1)  # R = 0: the [B, T, d_out] of an empty sum
+    check_factors(a, single)
+    return single
 
 
 def check_vectors(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:

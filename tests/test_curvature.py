@@ -278,8 +278,7 @@ def test_non_finite_product_names_the_parameters(kind):
         model[0].weight.fill_(3e38)  # the first layer's output overflows to inf → NaN loss and products
     x, y = torch.ones(4, 2), torch.zeros(4, dtype=torch.long)
     v = torch.ones(sum(p.numel() for p in model.parameters()))
-    # the linearised products name the parameters, the factored GGN the first layer whose factor overflowed
-    with pytest.raises(ValueError, match=r"non-finite (in parameter\(s\) \[.*'0\.weight'|.* at layer '0')"):
+    with pytest.raises(ValueError, match=r"non-finite in parameter\(s\) \[.*'0\.weight'"):
         curvature_vp(model, "cross_entropy", (x, y), v, kind=kind)
     with pytest.raises(ValueError, match="vector has non-finite"):
         curvature_vp(model, "cross_entropy", (x, y), torch.full_like(v, float("nan")), kind=kind)

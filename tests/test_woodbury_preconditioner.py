@@ -97,8 +97,19 @@ def test_fallback_parameters_of_the_fisher_are_kept_too():
     torch.testing.assert_close(apply(eye), reference_inverse(pseudo_samples(model, x, y, "fisher"), 12, op.shift, 4),
                                rtol=1e-9, atol=1e-9)
     ggn = CurvatureOperator(model, "cross_entropy", (x, y), kind="ggn", damping=1e-2)
-    with pytest.raises(ValueError, match="per-layer rule for every chosen parameter"):
+    with pytest.raises(ValueError, match=r"per-layer rule for every parameter; \['scale'\] have none; use preconditioner='nystrom'"):
         woodbury_preconditioner(ggn)
+
+
+def test_rank_whose_rows_exceed_the_cache_is_refused(monkeypatch):
+    from unlearn_fast.influence import curvature
+
+    model, x, y = mlp_problem(0, n=8)
+    op = CurvatureOperator(model, "cross_entropy", (x, y), kind="ggn", damping=1e-2)
+    monkeypatch.setattr(curvature, "CACHE_BYTES", 10_000)  # rows of (4 + 6) + (6 + 3) float64 = 152 bytes each
+    woodbury_preconditioner(op, rank=32)
+    with pytest.raises(ValueError, match=r"rank=33 would keep .* \(152 bytes per pseudo-sample\).*lower rank"):
+        woodbury_preconditioner(op, rank=33)
 
 
 def test_bad_input_names_the_problem():

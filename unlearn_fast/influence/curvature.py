@@ -33,7 +33,7 @@ and 7.5 ms in one of 1,437), a few sequences of a transformer.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -48,12 +48,14 @@ from ..data.similar_dataset import as_tensors
 from ..losses import NAMED_LOSSES, Loss, check_loss, output_loss, per_sample_loss
 from ..modes import eval_mode
 from ..validation import check_choice, check_number, check_positive_int, resolve_device
-from .ggn_factors import GGNFactors, capture_ggn_factors, ggn_factor_bytes, ggn_factors_vp
-from .vectors import Vector, as_dict, as_flat, num_params, trainable
+from .ggn_factors import GGNFactors, capture_ggn_factors, factored_ggn_problem, ggn_factors_vp
+from .vectors import Vector, VectorForm, as_dict, num_params, trainable
 
 CURVATURES = ("ggn", "hessian", "fisher")
-# Upper bound on what an operator keeps between products (Fisher layer factors, GGN forward graphs);
-# batches beyond it are re-run for every product.
+# Upper bound on what an operator keeps between products, for each of its two caches: layer factors
+# (the Fisher's, the factored GGN's) and GGN forward graphs (the linearisation). Separate budgets, so
+# that the factors a Nyström sketch keeps do not push CG's graphs out (found in review: every K = 1
+# product then re-ran the forward). Batches beyond it are re-run for every product.
 CACHE_BYTES = 1 << 30
 # batch_size=None: samples per batch whose forward activations (every module's tensor outputs) take
 # about this many bytes, per vector: K vectors multiply it (the Nyström sketch and Hutchinson probes
@@ -120,28 +122,6 @@ def counting_activations(model: nn.Module) -> Iterator[list[int]]:
             h.remove()
 
 
-class VectorForm:
-    """Remembers how a vector came in (flat or dict, with or without K, dtype, device) to give it back so."""
-
-    def __init__(self, v: Vector, params: Mapping[str, torch.Tensor]) -> None:
-        self.is_dict = isinstance(v, Mapping)
-        entries = list(v.values()) if self.is_dict else [v]  # type: ignore[union-attr]
-        if not all(torch.is_tensor(t) and t.is_floating_point() for t in entries):
-            raise ValueError("a parameter-space vector must hold floating-point tensors")
-        if self.is_dict:
-            self.single = {n: tuple(v[n].shape) == tuple(p.shape)  # type: ignore[index]
-                           for n, p in params.items() if n in v}
-            self.meta = {n: (t.device, t.dtype) for n, t in v.items()}  # type: ignore[union-attr]
-        else:
-            self.single_flat, self.meta_flat = v.dim() == 1, (v.device, v.dtype)  # type: ignore[union-attr]
-
-    def restore(self, d: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> Vector:
-        if self.is_dict:
-            return {n: (t[0] if self.single[n] else t).to(*self.meta[n]) for n, t in d.items()}
-        flat = as_flat(d, params)
-        return (flat[0] if self.single_flat else flat).to(*self.meta_flat)
-
-
 class CurvatureOperator:
     """v ↦ (C + (weight_decay + damping) I) v for one model, loss and data set, built once for many products.
 
@@ -187,7 +167,8 @@ class CurvatureOperator:
         self._batched_double_backward = True  # falls back to a loop over K if vmap cannot batch a backward op
         self._model_device = first.device
         self._factored_ggn: bool | None = None  # decided on the first GGN product (_ggn_is_factored)
-        self._ggn_bytes: int | None = None  # GGN factor bytes per sample, 0 without a factored form (probed once)
+        self._ggn_problem: str | None = None  # why the factored GGN does not apply ("" if it does); None: not probed
+        self._ggn_bytes = 0  # GGN factor bytes per sample (probed with _ggn_problem)
         self._stamp: tuple[Any, ...] | None = None
         self._refresh()
         self.batch_size = int(batch_size) if batch_size is not None else self._memory_batch_size()
@@ -217,7 +198,7 @@ class CurvatureOperator:
         self._fixed = state  # frozen parameters and buffers
         self._factor_cache: dict[tuple[int, int], Any] = {}
         self._ggn_cache: dict[tuple[int, int], Any] = {}
-        self._cached_bytes = 0
+        self._cached_bytes = {"factors": 0, "graphs": 0}  # each cache has its own CACHE_BYTES
 
     # -- products ------------------------------------------------------------------------------
     def __call__(self, v: Vector) -> Vector:
@@ -269,9 +250,9 @@ class CurvatureOperator:
         _, push = vjp(pullback, torch.zeros_like(out))
         entry = (out.detach(), pullback, lambda t: push((t,))[0])
         nbytes = sum(sizes)
-        if self._cached_bytes + nbytes <= CACHE_BYTES:
+        if self._cached_bytes["graphs"] + nbytes <= CACHE_BYTES:
             self._ggn_cache[key] = entry
-            self._cached_bytes += nbytes
+            self._cached_bytes["graphs"] += nbytes
         return entry
 
     def _ggn_factor_problem(self) -> str | None:
@@ -281,14 +262,11 @@ class CurvatureOperator:
         if self.device != self._model_device:
             return (f"the factored GGN runs the model itself, whose parameters are on {self._model_device}, not on the "
                     f"operator's device {self.device}")
-        if self._ggn_bytes is None:  # probed once: one forward of a few samples
-            self._ggn_bytes = ggn_factor_bytes(self.model, self.params, self.inputs[:PROBE_SAMPLES]) or 0
-        if not self._ggn_bytes:
-            return "the factored GGN needs a per-layer rule for every chosen parameter, and some have none"
-        if self._ggn_bytes * self.batch_size > CACHE_BYTES:
-            return (f"one batch's GGN factors would take {self._ggn_bytes * self.batch_size / 2**30:.1f} GiB (the model's "
-                    f"outputs per sample times its layers' output gradients), above CACHE_BYTES: lower batch_size")
-        return None
+        if self._ggn_problem is None:  # probed once, on a few samples
+            probe = self.inputs[:PROBE_SAMPLES]
+            self._ggn_problem, self._ggn_bytes = factored_ggn_problem(self.model, self.loss, probe, self.params,  # type: ignore[arg-type]
+                                                                      self.batch_size, CACHE_BYTES)
+        return self._ggn_problem or None
 
     def _ggn_is_factored(self) -> bool:
         """Whether products of K ≥ FACTORED_GGN_MIN_VECTORS use the factored GGN (module doc): it exists
@@ -297,24 +275,25 @@ class CurvatureOperator:
             self._factored_ggn = self._ggn_factor_problem() is None and self._ggn_bytes * self.n <= CACHE_BYTES
         return self._factored_ggn
 
-    def ggn_batch_factors(self, start: int) -> GGNFactors:
+    def ggn_batch_factors(self, start: int, *, keep: bool = True) -> GGNFactors:
         """The factored GGN's factors (:class:`.ggn_factors.GGNFactors`) of the batch that begins at sample
-        ``start``, kept across products while they fit CACHE_BYTES (as :meth:`batch_factors` for the
-        Fisher). Raises ValueError, saying why, when this operator has no factored GGN."""
+        ``start``. ``keep``: store them for later products (of K ≥ FACTORED_GGN_MIN_VECTORS vectors)
+        while they fit CACHE_BYTES, as :meth:`batch_factors` does for the Fisher; kept factors are
+        reused either way. Raises ValueError, saying why, when this operator has no factored GGN."""
         self._refresh()
         problem = self._ggn_factor_problem()
         if problem is not None:
-            raise ValueError(problem)
-        return self._ggn_factors(self._batch(start)[0])
+            raise ValueError(f"{problem}; use preconditioner='nystrom' (products only) or curvature='fisher'")
+        return self._ggn_factors(self._batch(start)[0], keep=keep)
 
-    def _ggn_factors(self, x: torch.Tensor) -> GGNFactors:
+    def _ggn_factors(self, x: torch.Tensor, keep: bool = True) -> GGNFactors:
         key = (x.data_ptr(), x.shape[0])
         factors = self._factor_cache.get(key)  # a GGN operator has no Fisher factors to keep there
         if factors is None:
             factors = capture_ggn_factors(self.model, self.loss, x, self.params)  # type: ignore[arg-type]
-            if self._cached_bytes + factors.nbytes() <= CACHE_BYTES:
+            if keep and self._cached_bytes["factors"] + factors.nbytes() <= CACHE_BYTES:
                 self._factor_cache[key] = factors
-                self._cached_bytes += factors.nbytes()
+                self._cached_bytes["factors"] += factors.nbytes()
         return factors
 
     def _batch(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,9 +373,9 @@ class CurvatureOperator:
         if factors is None:
             with torch.enable_grad():  # capture backpropagates even when the caller runs under no_grad
                 factors = capture_factors(self.model, self.loss, (x, y), self.params)
-            if self._cached_bytes + factors.nbytes() <= CACHE_BYTES:
+            if self._cached_bytes["factors"] + factors.nbytes() <= CACHE_BYTES:
                 self._factor_cache[key] = factors
-                self._cached_bytes += factors.nbytes()
+                self._cached_bytes["factors"] += factors.nbytes()
         return factors
 
     def _fisher(self, start: int, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

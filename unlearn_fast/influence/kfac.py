@@ -80,11 +80,11 @@ from tqdm.auto import tqdm
 from ..modes import eval_mode
 from ..validation import check_choice, check_positive_int
 from .cotangents import cotangent_loss, dot_outputs, output_cotangents
-from .curvature import CurvatureOperator, VectorForm
+from .curvature import CurvatureOperator
 from ..kernels.torch_path import MAX_INTERMEDIATE
 from .layers import EmbeddingRule, LinearRule, Rule
 from .per_sample import Factors, capture, capture_factors, fallback_grads
-from .vectors import Vector, as_dict
+from .vectors import Vector, VectorForm, as_dict
 
 ESTIMATES = ("ggn", "fisher")
 SAMPLED_LOSSES = ("cross_entropy", "mse")

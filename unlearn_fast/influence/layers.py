@@ -284,6 +284,17 @@ class EmbeddingRule(Rule):
         out.index_add_(1, a.reshape(-1), weighted)
         return {"weight": out}
 
+    def multi_dots(self, module, a, g, v):
+        rows = v["weight"][:, a]  # [K, B, T, d], gathered once for the R gradients of each sample
+        return torch.einsum("kbtd,brtd->brk", rows, g)
+
+    def multi_weighted_sum(self, module, a, g, c):
+        combined = torch.einsum("brk,brtd->kbtd", c, g)  # Σ_r c_{i,r,k} G_{i,r} first: one scatter per vector
+        k, d = combined.shape[0], g.shape[-1]
+        out = torch.zeros(k, module.num_embeddings, d, dtype=g.dtype, device=g.device)
+        out.index_add_(1, a.reshape(-1), combined.reshape(k, -1, d))
+        return {"weight": out}
+
     def cross_dots(self, module, a1, g1, a2, g2):
         # Σ_{t,s} [id_{i,t} = id_{j,s}] g_{i,t}·g_{j,s}: a built g_i would be [num_embeddings, d]
         return torch_path.position_pairs(a1, g1, a2, g2, _same_id)

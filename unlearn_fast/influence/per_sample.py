@@ -72,17 +72,24 @@ def recording(planned: Planned) -> Iterator[tuple[list[list[torch.Tensor]], list
     the yielded lists, one list per planned module (forward hooks, removed on exit)."""
     inputs: list[list[torch.Tensor]] = [[] for _ in planned]
     outputs: list[list[torch.Tensor]] = [[] for _ in planned]
+    versions: list[list[int]] = [[] for _ in planned]
     handles = []
     for index, (_, module, _, _) in enumerate(planned):
         def hook(mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor, index: int = index) -> None:
             inputs[index].append(args[0].detach())
             outputs[index].append(out)
+            versions[index].append(out._version)
         handles.append(module.register_forward_hook(hook))
     try:
         yield inputs, outputs
     finally:
         for handle in handles:
             handle.remove()
+    for (module_name, module, _, _), outs, seen in zip(planned, outputs, versions):
+        if any(out._version != v for out, v in zip(outs, seen)):
+            raise ValueError(f"the output of layer {module_name!r} ({type(module).__name__}) was changed in place after the "
+                             "layer returned it (e.g. by ReLU(inplace=True)), so its gradient is no longer the layer's: "
+                             "the per-sample factors need it unchanged; make that operation out of place")
 
 
 def capture(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> Captured:

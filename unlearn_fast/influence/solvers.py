@@ -60,13 +60,13 @@ from tqdm.auto import tqdm
 
 from ..losses import Loss
 from ..validation import check_choice, check_number, check_positive_int
-from .curvature import CURVATURES, CurvatureOperator, Data, VectorForm
+from .curvature import CURVATURES, CurvatureOperator, Data
 from .iteration import Events, column_steps, describe, stop_columns
 from .kfac import ekfac_solver, kfac_solver, kronecker_preconditioner
 from .lissa import lissa
 from .nystrom import nystrom_preconditioner
 from .preconditioners import diagonal_preconditioner
-from .vectors import Vector, as_dict, as_flat
+from .vectors import Vector, VectorForm, as_dict, as_flat
 from .woodbury import woodbury_preconditioner, woodbury_solver
 
 EXACT_MAX_PARAMS = 10_000  # a dense float64 [P, P] is 0.8 GB at 10k, and the solve copies it about twice

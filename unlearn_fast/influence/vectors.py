@@ -82,3 +82,25 @@ def as_flat(vector: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tenso
 def flat_params(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The parameters' current values as one flat vector [P] (detached)."""
     return torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+
+class VectorForm:
+    """Remembers how a vector came in (flat or dict, with or without K, dtype, device) to give it back so."""
+
+    def __init__(self, v: Vector, params: Mapping[str, torch.Tensor]) -> None:
+        self.is_dict = isinstance(v, Mapping)
+        entries = list(v.values()) if self.is_dict else [v]  # type: ignore[union-attr]
+        if not all(torch.is_tensor(t) and t.is_floating_point() for t in entries):
+            raise ValueError("a parameter-space vector must hold floating-point tensors")
+        if self.is_dict:
+            self.single = {n: tuple(v[n].shape) == tuple(p.shape)  # type: ignore[index]
+                           for n, p in params.items() if n in v}
+            self.meta = {n: (t.device, t.dtype) for n, t in v.items()}  # type: ignore[union-attr]
+        else:
+            self.single_flat, self.meta_flat = v.dim() == 1, (v.device, v.dtype)  # type: ignore[union-attr]
+
+    def restore(self, d: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> Vector:
+        if self.is_dict:
+            return {n: (t[0] if self.single[n] else t).to(*self.meta[n]) for n, t in d.items()}
+        flat = as_flat(d, params)
+        return (flat[0] if self.single_flat else flat).to(*self.meta_flat)

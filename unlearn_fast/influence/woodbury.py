@@ -47,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..validation import check_positive_int
+from . import curvature
 from .curvature import CurvatureOperator, check_psd_with_shift
 from .per_sample import Captured, Factors, LayerCache, factors_dots, factors_gram, factors_sq_norms, factors_weighted_sum
 from .vectors import as_dict, as_flat
@@ -162,6 +163,12 @@ class _Heaviest:
             raise ValueError(f"preconditioner='woodbury' needs the same layers to run on every batch; got {names} "
                              f"after {[layer.module_name for layer in self.layers]}: use preconditioner='nystrom'")
         r = norms.shape[1]
+        if self.norms is None:  # the kept rows repeat a sample's A for each of its kept outputs: check the total
+            row = sum(l.a[0].numel() * l.a.element_size() + l.g[0, 0].numel() * l.g.element_size() for l in layers)
+            row += sum(t[0, 0].numel() * t.element_size() for t in fallback.values())
+            if 2 * self.rank * row > curvature.CACHE_BYTES:  # twice: old and new rows meet in each merge
+                raise ValueError(f"preconditioner='woodbury' with rank={self.rank} would keep {self.rank * row / 2**30:.2f} GiB "
+                                 f"of factor rows ({row} bytes per pseudo-sample), above half of CACHE_BYTES: lower rank")
         top = norms.flatten().topk(min(self.rank, norms.numel())).indices
         i, j = top // r, top % r
         rows = [LayerCache(l.module_name, l.module, l.rule, l.a[i], l.g[i, j], l.names) for l in layers]
@@ -191,7 +198,7 @@ def _batch_rows(op: CurvatureOperator, start: int) -> tuple[torch.Tensor, list[L
         layers = [LayerCache(l.module_name, l.module, l.rule, l.a, l.g.unsqueeze(1), l.names) for l in factors.captured.layers]
         fallback = {n: t.unsqueeze(1) for n, t in factors.fallback.items()}
         return factors_sq_norms(factors).unsqueeze(1), layers, fallback
-    ggn = op.ggn_batch_factors(start)
+    ggn = op.ggn_batch_factors(start, keep=False)  # read once here; CG's K = 1 products do not use them
     norms = torch.zeros(ggn.batch_size, max(1, math.prod(ggn.output_shape)), dtype=op.dtype, device=op.device)
     for layer in ggn.layers:
         norms += torch.stack([layer.rule.sq_norms(layer.module, layer.a, layer.g[:, r]) for r in range(layer.g.shape[1])], 1)
