@@ -126,3 +126,30 @@ def test_conv_patches_equal_unfold(kh, kw, sh, sw, ph, pw, dh, dw, h, w, c):
     x = torch.randn(2, c, h, w, dtype=torch.float64)
     reference = F.unfold(x, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw)).transpose(1, 2)
     assert torch.equal(conv_patches(x, (kh, kw), (sh, sw), (ph, pw), (dh, dw)), reference)
+
+
+def test_factors_of_a_tied_weight_are_refused_and_good_models_are_checked_once():
+    """A weight also used outside its module's call (here F.linear on another layer's weight) makes the
+    per-layer factors wrong: the first capture compares Σ_i g_i with autograd and refuses."""
+    from unlearn_fast.influence import per_sample
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h + F.linear(h, self.a.weight))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    shared = Shared().double()
+    v = torch.randn(2, sum(p.numel() for p in shared.parameters()), dtype=torch.float64)
+    with pytest.raises(ValueError, match="do not reproduce autograd's gradient.*F.linear"):
+        grad_dots(shared, "cross_entropy", (x, y), v)
+    head = {"b.weight": torch.ones(1, 2, 3, dtype=torch.float64), "b.bias": torch.ones(1, 2, dtype=torch.float64)}
+    assert grad_dots(shared, "cross_entropy", (x, y), head, layers=["b"]).shape == (5, 1)  # 'b' owns its weight
+    plain = nn.Sequential(nn.Linear(3, 2)).double()
+    grad_dots(plain, "cross_entropy", (x, y), torch.randn(1, 8, dtype=torch.float64))
+    assert per_sample._VERIFIED[plain] == {("0.weight", "0.bias")}

@@ -8,6 +8,7 @@ factored per layer. Parameters of layers without a rule use chunked torch.func m
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -207,12 +208,43 @@ class Factors:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# Models (and their chosen parameter names) whose factors matched autograd once: checked once each.
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, set[tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+
 def capture_factors(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> Factors:
-    """One forward/backward of ``batch``: the factors every Fisher product of this batch needs."""
+    """One forward/backward of ``batch``: the factors every Fisher product of this batch needs.
+
+    The first capture for a model and set of parameters also checks that the factors reproduce
+    autograd's batch gradient, Σ_i g_i (one more backward, once): the rules see a parameter only
+    inside its own module's hooked call, so a tied weight, ``F.linear(x, module.weight)`` or a module
+    run through ``.forward`` would otherwise give silently wrong per-sample gradients."""
     with eval_mode(model):
         cap = capture(model, loss, batch, params)
         fallback = fallback_grads(model, loss, batch, cap.fallback) if cap.fallback else {}
-    return Factors(cap, fallback, batch[0].shape[0])
+    factors = Factors(cap, fallback, batch[0].shape[0])
+    key = tuple(params)
+    if factors.batch_size and key not in _VERIFIED.get(model, ()):
+        _check_against_autograd(model, loss, batch, params, factors)
+        _VERIFIED.setdefault(model, set()).add(key)
+    return factors
+
+
+def _check_against_autograd(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter],
+                            factors: Factors) -> None:
+    ones = torch.ones(factors.batch_size, 1, dtype=factors.captured.losses.dtype, device=factors.captured.losses.device)
+    summed = factors_weighted_sum(factors, ones, params)
+    with torch.enable_grad():
+        want = loss_gradient(model, loss, batch, params)
+    diff = sum(float((summed[n][0].double() - want[n].double()).pow(2).sum()) for n in params)
+    total = sum(float(want[n].double().pow(2).sum()) for n in params)
+    error = (diff / total) ** 0.5 if total > 0 else diff ** 0.5
+    tol = torch.finfo(next(iter(params.values())).dtype).eps ** 0.5
+    if not error <= tol:
+        raise ValueError(f"the per-sample gradient factors do not reproduce autograd's gradient on this model (relative "
+                         f"error {error:.2g} > {tol:.2g}): a chosen parameter acts outside its module's own call (a tied "
+                         "weight, F.linear(x, module.weight), module.forward called directly), which the per-layer rules "
+                         "cannot see; restrict layers= to modules that own their parameters, or use curvature='ggn'")
 
 
 def factors_sq_norms(factors: Factors) -> torch.Tensor:
