@@ -65,6 +65,18 @@ class ScaledLinear(nn.Module):
         return self.body(x) * self.scale
 
 
+class SharedWeight(nn.Module):
+    """Linear 'a' whose weight is also used through F.linear outside its own call, then Linear 'b' (3 → d_out)."""
+
+    def __init__(self, d_out: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h + torch.nn.functional.linear(h, self.a.weight))
+
+
 def padded_ids(b: int, t: int, vocab: int) -> torch.Tensor:
     """[b, t] token ids in [1, vocab), right-padded with 0 to random lengths in [1, t]."""
     ids = torch.randint(1, vocab, (b, t))

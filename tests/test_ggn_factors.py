@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from helpers import ScaledLinear
+from helpers import ScaledLinear, SharedWeight
 from test_curvature import F64_TOL, TextModel, problem, ref_matrix, rel_err
 from torch import nn
 
@@ -187,25 +187,13 @@ class _Tied(nn.Module):
         return self.head(torch.tanh(self.mix(self.emb(ids).mean(1))))
 
 
-class _Functional(nn.Module):
-    """A Linear whose weight is also used through F.linear outside its own call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 4)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h + torch.nn.functional.linear(h, self.a.weight))
-
-
 def _in_place_relu():
     return nn.Sequential(nn.Linear(3, 5), nn.ReLU(inplace=True), nn.Linear(5, 4))
 
 
 @pytest.mark.parametrize("build, make_x", [
     (_Tied, lambda: torch.randint(0, 5, (7, 3))),
-    (_Functional, lambda: torch.randn(7, 3, dtype=torch.float64)),
+    (lambda: SharedWeight(4), lambda: torch.randn(7, 3, dtype=torch.float64)),
     (_in_place_relu, lambda: torch.randn(7, 3, dtype=torch.float64)),
 ])
 def test_models_the_factors_cannot_describe_keep_the_linearisation(build, make_x):
@@ -213,7 +201,7 @@ def test_models_the_factors_cannot_describe_keep_the_linearisation(build, make_x
     factors wrong (review measured 0.33–0.60 relative error); the probe sees it and products stay exact."""
     torch.manual_seed(0)
     model, x = build().double(), make_x()
-    y = torch.randint(0, 4 if isinstance(model, (_Functional, nn.Sequential)) else 5, (7,))
+    y = torch.randint(0, 4 if isinstance(model, (SharedWeight, nn.Sequential)) else 5, (7,))
     op = CurvatureOperator(model, "cross_entropy", (x, y), kind="ggn", damping=1e-2)
     v = torch.randn(6, op.num_params, dtype=torch.float64)
     want = v @ (ref_matrix(model, "cross_entropy", x, y, "ggn") + 1e-2 * torch.eye(op.num_params, dtype=torch.float64)).T

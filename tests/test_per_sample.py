@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import SequenceModel, TextModel, cnn_with_batchnorm, gpt2_ids, padded_ids, tiny_gpt2
+from helpers import SequenceModel, SharedWeight, TextModel, cnn_with_batchnorm, gpt2_ids, padded_ids, tiny_gpt2
 from unlearn_fast.influence.per_sample import fisher_vp, grad_dots, grad_norms, loss_gradient, per_sample_grads
 from unlearn_fast.influence.vectors import as_flat, trainable
 
@@ -133,18 +133,9 @@ def test_factors_of_a_tied_weight_are_refused_and_good_models_are_checked_once()
     per-layer factors wrong: the first capture compares Σ_i g_i with autograd and refuses."""
     from unlearn_fast.influence import per_sample
 
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
-
-        def forward(self, x):
-            h = torch.tanh(self.a(x))
-            return self.b(h + F.linear(h, self.a.weight))
-
     torch.manual_seed(0)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
-    shared = Shared().double()
+    shared = SharedWeight(2).double()
     v = torch.randn(2, sum(p.numel() for p in shared.parameters()), dtype=torch.float64)
     with pytest.raises(ValueError, match="do not reproduce autograd's gradient.*F.linear"):
         grad_dots(shared, "cross_entropy", (x, y), v)
