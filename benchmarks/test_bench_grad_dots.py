@@ -8,7 +8,14 @@ Two groups, each timed in one run against its peer:
   not installed); and the floor, one plain forward+backward of the batch plus one GEMM per Linear
   of the size of the dot contraction ([B·T, d_in] @ [d_in, K·d_out]).
 - sequences, Linear(768, 768) over [B, T=128, 768], mean-pool, Linear(768, 10); B=8, K=4:
-  ``grad_dots`` against the same torch.func peer (and Opacus when installed).
+  ``grad_dots`` against the same torch.func peer (and Opacus when installed), and two measured lower
+  bounds that make the peer's headroom visible. "seq bound: forward + G" is the least any exact
+  method must run: the forward of the batch and the output gradient G of the 768→768 layer (G_t
+  depends on that layer's pre-activations, so its GEMM cannot be skipped), without any weight
+  gradient. "seq floor: + build g_i" adds the cheapest exact contraction we know for dense
+  vectors, one bmm G_iᵀA_i per sample (B·T·d_in·d_out multiply-adds, the forward's own size;
+  contracting A Vᵀ instead costs K times that). peer / bound is the largest speed-up any exact
+  method can show over torch.func at this shape.
 
 Memory: tracemalloc does not see torch's CPU allocations, so each entry records in ``extra_info``
 (a) ``peak_rss_growth_mib``: the growth of the peak resident set while the path runs once on
@@ -138,6 +145,30 @@ def floor_dots(model, batch, vectors):
     return grads, gemms
 
 
+def _seq_output_gradient(model: SeqModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of the batch and ∂Σℓ_i/∂(proj's output) → (A [B, T, d_in], G [B, T, d_out])."""
+    x, y = batch
+    z = model.proj(x)
+    losses = F.cross_entropy(model.head(torch.relu(z).mean(1)), y, reduction="none")
+    (g,) = torch.autograd.grad(losses.sum(), z)
+    return x, g
+
+
+def seq_bound(model, batch, vectors):
+    """The least any exact method runs: forward + the 768→768 layer's output gradient (see the docstring)."""
+    return _seq_output_gradient(model, batch)[1]
+
+
+def seq_floor(model, batch, vectors):
+    """The bound plus building every g_i = G_iᵀA_i (one bmm) and its K dots with the vectors."""
+    a, g = _seq_output_gradient(model, batch)
+    built = torch.bmm(g.transpose(1, 2), a)  # [B, d_out, d_in]
+    return built.reshape(a.shape[0], -1) @ vectors["proj.weight"].reshape(vectors["proj.weight"].shape[0], -1).T
+
+
+SEQ_BOUNDS = {"bound": seq_bound, "floor": seq_floor}
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory: analytic largest intermediates and the measured peak-RSS growth (in a subprocess)
 
@@ -157,6 +188,10 @@ def largest_intermediate(path: str, model: nn.Module, batch, k: int) -> int:
         return min(b, FUNC_CHUNK) * p_total
     if path == "opacus":  # every grad_sample at once: [B, P]
         return b * p_total
+    if path == "seq_bound":  # G [B, T, d_out]
+        return b * t * model.proj.out_features
+    if path == "seq_floor":  # the built gradients [B, d_out, d_in]
+        return b * model.proj.weight.numel()
     if path == "floor":  # the GEMM output [B·T, K·d_out] or the weight gradient, whichever is larger
         return max(max(b * t * k * m.out_features, m.weight.numel()) for m in _linears(model))
     raise ValueError(path)
@@ -171,6 +206,8 @@ def _run_path(path: str, model, batch, vectors):
         return floor_dots(model, batch, vectors)
     if path == "opacus":
         return opacus_dots(make_opacus(model), batch, vectors)
+    if path.startswith("seq_"):
+        return SEQ_BOUNDS[path.removeprefix("seq_")](model, batch, vectors)
     raise ValueError(path)
 
 
@@ -237,7 +274,7 @@ def _pedantic(benchmark, fn, args, rounds):
 
 
 # ---------------------------------------------------------------------------------------------
-# Both groups (MLP, sequences): ours, the torch.func peer and Opacus; the floor for the MLP only.
+# Both groups (MLP, sequences): ours, the torch.func peer and Opacus; the floor for the MLP, the bounds for sequences.
 SETUPS = {"mlp": (MLP_GROUP, MLP_ROUNDS), "seq": (SEQ_GROUP, SEQ_ROUNDS)}
 
 
@@ -280,6 +317,18 @@ def test_mlp_floor(benchmark, mlp):
     _pedantic(benchmark, floor_dots, (model, batch, vectors), MLP_ROUNDS)
     record_memory(benchmark, MLP_GROUP, "floor", model, batch, vectors)
 
+
+@pytest.mark.parametrize("bound", list(SEQ_BOUNDS))
+def test_seq_bounds(benchmark, seq, bound):
+    model, batch, vectors, reference = seq
+    benchmark.group = SEQ_GROUP
+    result = _pedantic(benchmark, SEQ_BOUNDS[bound], (model, batch, vectors), SEQ_ROUNDS)
+    record_memory(benchmark, SEQ_GROUP, f"seq_{bound}", model, batch, vectors)
+    if bound == "floor":  # the floor's dots are the proj weight's share of the real ones: check them
+        v = vectors["proj.weight"].reshape(vectors["proj.weight"].shape[0], -1)
+        share = torch.cat([g["proj.weight"].reshape(g["proj.weight"].shape[0], -1) @ v.T
+                           for g in func_per_sample_chunks(model, batch)])
+        _assert_matches(result, share)
 
 if __name__ == "__main__":  # peak-memory probe: python test_bench_grad_dots.py GROUP PATH
     _peak_rss_main(sys.argv[1], sys.argv[2])
