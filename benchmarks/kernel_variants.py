@@ -7,7 +7,9 @@ k; weighted sum: Gᵀ·A per k; ghost norms: the bmm's A·Aᵀ and G·Gᵀ); "bu
 compared with the bmm building G_iᵀA_i plus the [B, d²]·[d², K] GEMM. Every variant's result is checked
 against the float64 torch path (relerr column). Variants (kernels/triton_path.py LAYOUT): "new" reads
 transposed operand tiles in stored order and transposes in registers, launches dots d_out-blocks
-first, and multiplies float32 as tf32x3; "old" uses transposed pointers, row-blocks first, IEEE FMA.
+first, and multiplies float32 as tf32x3; "old" uses transposed pointers, row-blocks first, IEEE FMA;
+both time the fused weighted sum. "scal" is the weighted sum's scaled_gemm route (c_k times the
+narrower factor in one Triton pass, then a cuBLAS GEMM with float32 output), the current default.
 """
 import sys, json, torch, triton
 from triton.testing import do_bench
@@ -30,22 +32,10 @@ if len(sys.argv) > 2 and sys.argv[2] == "--quick":
     CASES = CASES[2:4]
 TRANS = ("dots_trans", "ghost_trans", "built_trans", "wsum_trans")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-VARIANTS = {"new": {**{f: dict.fromkeys(DTYPES, True) for f in TRANS}, "dots_q_major": True, "fp32": "tf32x3"},
-            "old": {**{f: dict.fromkeys(DTYPES, False) for f in TRANS}, "dots_q_major": False, "fp32": "ieee"}}
+FUSED = dict.fromkeys(DTYPES, "fused")
+VARIANTS = {"new": {**{f: dict.fromkeys(DTYPES, True) for f in TRANS}, "dots_q_major": True, "fp32": "tf32x3", "wsum_route": FUSED},
+            "old": {**{f: dict.fromkeys(DTYPES, False) for f in TRANS}, "dots_q_major": False, "fp32": "ieee", "wsum_route": FUSED}}
 DEFAULTS = {key: (dict(value) if isinstance(value, dict) else value) for key, value in tr.LAYOUT.items()}
-def scaled_gemm_wsum(a, g, c):
-    """(diag(c_k)G)ᵀA as c_k times the narrower factor, then one cuBLAS GEMM per k: a candidate route
-    for CUDA weighted sums (the fused kernel was 3.3–6.2× the GEMM in run B). c is rounded to the
-    input dtype, as the kernel rounds c·g."""
-    b, t, din = a.shape
-    dout = g.shape[2]
-    a2, g2 = a.reshape(b*t, din), g.reshape(b*t, dout)
-    w = c.repeat_interleave(t, 0).to(a.dtype)  # [B·T, K]
-    if din <= dout:
-        return torch.stack([(g2.T @ (a2*w[:, j:j+1])).float() for j in range(c.shape[1])])
-    return torch.stack([((g2*w[:, j:j+1]).T @ a2).float() for j in range(c.shape[1])])
-
-
 rows = []
 def emit(*r):
     rows.append(r); print(r, flush=True)
@@ -69,8 +59,11 @@ for dtype in (torch.bfloat16, torch.float32):
             emit("wsum", name, str(dtype)[6:], b, t, din, dout, k, ms(lambda: tr.linear_weighted_sum(a, g, c)), gemm_wsum, fl, rel(tr.linear_weighted_sum(a, g, c), ref_w))
             if t > 1:
                 emit("ghost", name, str(dtype)[6:], b, t, din, dout, 1, ms(lambda: tr.linear_sq_norms(a, g)), gemm_ghost, 2*b*t*t*(din+dout), rel(tr.linear_sq_norms(a, g), ref_n))
-        emit("wsum", "scaled+cublas", str(dtype)[6:], b, t, din, dout, k, ms(lambda: scaled_gemm_wsum(a, g, c)), gemm_wsum, fl,
-             rel(scaled_gemm_wsum(a, g, c), ref_w))
+        # The scaled route (LAYOUT["wsum_route"]): c_k times the narrower factor, then cuBLAS with float32 output.
+        tr.LAYOUT.update(DEFAULTS)
+        tr.LAYOUT["wsum_route"] = dict.fromkeys(DTYPES, "scaled_gemm")
+        emit("wsum", "scal", str(dtype)[6:], b, t, din, dout, k, ms(lambda: tr.linear_weighted_sum(a, g, c)), gemm_wsum, fl,
+             rel(tr.linear_weighted_sum(a, g, c), ref_w))
         torch.cuda.empty_cache()
 # torch.func materialisation (vmap(grad) of one layer, then the dot with V) against the kernel, fp32, with peak memory.
 tr.LAYOUT.update(DEFAULTS)

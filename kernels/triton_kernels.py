@@ -15,6 +15,8 @@ dot precision the wrapper passes (TF32 only when torch allows TF32 matmuls).
 - ``row_norms_kernel``:   T = 1: ‖g_i‖²·‖a_i‖².
 - ``weighted_sum_kernel``: out[k] = Σ_r c[r, k] g_r a_rᵀ = (diag(c_k) G)ᵀA, split over rows when the
   output tiles alone would not fill the GPU.
+- ``scale_rows_kernel``:  out[r, :] = c[r, k]·x_r over a block of rows, products in float32 rounded once to
+  x's dtype: the weighted sum's "scaled_gemm" route scales the narrower factor with it, then calls cuBLAS.
 
 This module imports triton at import time; the Triton interpreter (TRITON_INTERPRET=1, CPU tensors)
 must be chosen before it is imported.
@@ -260,3 +262,18 @@ def weighted_sum_kernel(a_ptr, g_ptr, c_ptr, out_ptr, R, T, P, Q, K, SPLIT,
         x = tl.load(a_ptr + (bs * sab + ts * sat)[:, None] + ps[None, :] * sap, mask=r_ok[:, None] & p_ok[None, :], other=0.0)
         acc = _dot(gt, x, acc, PRECISION, UPCAST)
     tl.atomic_add(out_ptr + k.to(tl.int64) * Q * P + qs[:, None] * P + ps[None, :], acc, mask=q_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def scale_rows_kernel(x_ptr, c_ptr, out_ptr, ROW0, N, T, D, K, COL, sxb, sxt, sxd,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out [N, D] (contiguous, x's dtype) = c[r, COL] · x[r, :] for rows r = ROW0 … ROW0 + N − 1 of x;
+    c is [R, K] fp32, the product is taken in fp32 and rounded once."""
+    rows = (ROW0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    r_ok = rows < ROW0 + N
+    ok = r_ok[:, None] & (ds < D)[None, :]
+    x = tl.load(x_ptr + ((rows // T) * sxb + (rows % T) * sxt)[:, None] + ds[None, :] * sxd, mask=ok, other=0.0)
+    weight = tl.load(c_ptr + rows * K + COL, mask=r_ok, other=0.0)
+    scaled = (x.to(tl.float32) * weight[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (rows - ROW0)[:, None] * D + ds[None, :], scaled, mask=ok)

@@ -41,7 +41,17 @@ LAYOUT: dict[str, object] = {
     "wsum_trans": {torch.float32: True, torch.bfloat16: False, torch.float16: False},
     "dots_q_major": True,
     "fp32": "tf32x3",
+    # Weighted sum (diag(c_k)G)ᵀA: "fused" weights G's tiles inside one Triton GEMM; "scaled_gemm" writes
+    # c_k times the narrower factor (scale_rows_kernel, one memory pass) and hands the product to cuBLAS.
+    # The fused kernel took 3.3–6.2× the cuBLAS GEMM in run B; the scaled route costs that GEMM plus one
+    # pass over B·T·min(d_in, d_out)·K elements, so it is the default, by that arithmetic: no GPU run has
+    # timed it yet (benchmarks/kernel_variants.py times both).
+    "wsum_route": dict.fromkeys(_ALL_DTYPES, "scaled_gemm"),
 }
+WSUM_ROUTES = ("fused", "scaled_gemm")
+# Rows of the narrower factor scaled per GEMM: the route's only extra memory (2048·768 bf16 = 3 MiB), and
+# a GEMM depth long enough for full tensor-core tiles.
+SCALED_CHUNK_ROWS = 2048
 
 
 def _flags(dtype: torch.dtype, kernel: str) -> dict[str, object]:
@@ -165,7 +175,8 @@ def linear_cross_dots(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: 
 
 
 def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_i c_{i,k} G_iᵀA_i → [K, d_out, d_in] float32, as (diag(c_k) G)ᵀA with the weights fused into G's tiles."""
+    """Σ_i c_{i,k} G_iᵀA_i → [K, d_out, d_in] float32, by LAYOUT["wsum_route"]: the weights fused into G's
+    tiles of one Triton GEMM, or c_k times the narrower factor then a cuBLAS GEMM with float32 output."""
     b, t, d_in = a.shape
     d_out, k = g.shape[2], c.shape[1]
     out = torch.zeros(k, d_out, d_in, dtype=torch.float32, device=a.device)
@@ -175,6 +186,11 @@ def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask:
     if mask is not None:
         weights = weights * mask.to(torch.float32).unsqueeze(-1)
     weights = weights.reshape(b * t, k).contiguous()
+    route = LAYOUT["wsum_route"][a.dtype]
+    if route not in WSUM_ROUTES:
+        raise ValueError(f"LAYOUT['wsum_route'][{a.dtype}] = {route!r} is not valid; valid choices: {', '.join(WSUM_ROUTES)}")
+    if route == "scaled_gemm" and (a.dtype == torch.float32 or _float32_output_gemm(a.device)):
+        return _scaled_gemm_weighted_sum(a, g, weights, out)
     # Split the rows when the output tiles (at 128×128) would leave most multiprocessors idle.
     tiles = triton.cdiv(d_out, 128) * triton.cdiv(d_in, 128) * k
     split = max(1, min(triton.cdiv(2 * _multiprocessors(a.device), tiles), triton.cdiv(b * t, 256)))
@@ -184,4 +200,56 @@ def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask:
     grid = lambda meta: (triton.cdiv(d_out, meta["BLOCK_Q"]) * triton.cdiv(d_in, meta["BLOCK_P"]), k, split)  # noqa: E731
     tk.weighted_sum_kernel[grid](a, g, weights, out, b * t, t_a, d_in, d_out, k, split,
                                  *strides_a, *strides_g, **_flags(a.dtype, "wsum"))
+    return out
+
+
+_FLOAT32_OUTPUT: dict[str, bool] = {}  # device type → whether 16-bit GEMMs can write and add into float32 there
+
+
+def _float32_output_gemm(device: torch.device) -> bool:
+    """Whether ``torch.mm`` / ``torch.addmm`` take 16-bit operands with ``out_dtype=float32`` here (CUDA in
+    recent torch), checked on a tiny product, accumulation into the output included. Without them the
+    scaled route would round the sum to 16 bits or multiply in float32, so the fused kernel serves."""
+    if device.type not in _FLOAT32_OUTPUT:
+        probe = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        out = torch.ones(2, 2, dtype=torch.float32, device=device)
+        try:
+            _gemm_into(out, probe, probe, accumulate=True)
+            _FLOAT32_OUTPUT[device.type] = bool((out == 3).all())
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FLOAT32_OUTPUT[device.type] = False
+    return _FLOAT32_OUTPUT[device.type]
+
+
+def _gemm_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, accumulate: bool) -> None:
+    """out [m, n] float32 (+)= x [m, r] @ y [r, n], the product accumulated in float32 by the GEMM itself."""
+    half = {} if x.dtype == torch.float32 else {"out_dtype": torch.float32}
+    if accumulate:
+        torch.addmm(out, x, y, out=out, **half)
+    else:
+        torch.mm(x, y, out=out, **half)
+
+
+def _scaled_gemm_weighted_sum(a: torch.Tensor, g: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [K, d_out, d_in] = Gᵀ(diag(w_k)A) or (diag(w_k)G)ᵀA, scaling whichever factor is narrower;
+    weights [B·T, K] float32. Rows go SCALED_CHUNK_ROWS at a time: one scaling pass, then one GEMM
+    adding into out[k] (float32 output from 16-bit operands)."""
+    b, t, d_in = a.shape
+    d_out, k = g.shape[2], weights.shape[1]
+    rows = b * t
+    scale_a = d_in <= d_out
+    narrow, wide = (a, g) if scale_a else (g, a)
+    d_narrow = narrow.shape[2]
+    wide_rows = wide.reshape(rows, wide.shape[2])  # a view when (b, t) merge, else one copy for cuBLAS
+    block_r, block_d = (16, 32) if tk.INTERPRET else (32, 128)
+    step = min(rows, SCALED_CHUNK_ROWS)
+    scaled = torch.empty(step, d_narrow, dtype=a.dtype, device=a.device)
+    for col in range(k):
+        for r0 in range(0, rows, step):
+            n = min(step, rows - r0)
+            grid = (triton.cdiv(n, block_r), triton.cdiv(d_narrow, block_d))
+            tk.scale_rows_kernel[grid](narrow, weights, scaled, r0, n, t, d_narrow, k, col, *narrow.stride(),
+                                       BLOCK_R=block_r, BLOCK_D=block_d)
+            x, y = (wide_rows[r0:r0 + n].T, scaled[:n]) if scale_a else (scaled[:n].T, wide_rows[r0:r0 + n])
+            _gemm_into(out[col], x, y, accumulate=r0 > 0)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -86,6 +87,23 @@ def ref_error(got: torch.Tensor, op: str, *args) -> float:
     return (error / scale.clamp_min(1e-30)).max().item() if error.numel() else 0.0
 
 
+def _float32_gemm_into(out, x, y, accumulate):
+    out.add_(x.float() @ y.float()) if accumulate else out.copy_(x.float() @ y.float())
+
+
+@contextmanager
+def weighted_sum_route(route: str):
+    """LAYOUT's weighted-sum route for every dtype. The CPU interpreter's torch.mm has no float32 output
+    for 16-bit inputs, so there the scaled route's cuBLAS product is stood in for by a float32 product
+    of the same 16-bit operands: what runs is the route's own scaling kernel, layout and chunking."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(triton_path.LAYOUT, "wsum_route", dict.fromkeys(DTYPES, route))
+        if DEVICE == "cpu":
+            patch.setitem(triton_path._FLOAT32_OUTPUT, "cpu", True)
+            patch.setattr(triton_path, "_gemm_into", _float32_gemm_into)
+        yield
+
+
 shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 40), st.integers(1, 40),
                    st.integers(1, 3), st.sampled_from(DTYPES), st.sampled_from(["none", "bool", "float"]),
                    st.integers(0, 2**16))
@@ -107,6 +125,29 @@ def test_dots_norms_and_weighted_sums_match_the_reference(case):
     assert ref_error(triton_path.linear_sq_norms(a, g, mask), "linear_sq_norms", a, g, mask) < exact
     got = triton_path.linear_weighted_sum(a, g, c, mask)
     assert ref_error(got, "linear_weighted_sum", a, g, c, mask) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("route", triton_path.WSUM_ROUTES)
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(shapes, st.booleans())
+def test_weighted_sum_routes_match_the_reference(route, case, small_chunks):
+    b, t, d_in, d_out, k, dtype, mask_kind, seed = case
+    a, g = factors(b, t, d_in, d_out, dtype, seed)
+    mask = make_mask(mask_kind, b, t, seed)
+    c = torch.randn(b, k, generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE)
+    with weighted_sum_route(route), pytest.MonkeyPatch.context() as patch:
+        if small_chunks:  # rows in blocks of 3: the row loop, its offsets and the accumulation into out
+            patch.setattr(triton_path, "SCALED_CHUNK_ROWS", 3)
+        got = triton_path.linear_weighted_sum(a, g, c, mask)
+    assert got.dtype == torch.float32
+    assert ref_error(got, "linear_weighted_sum", a, g, c, mask) < TOLERANCE[dtype]
+
+
+def test_an_unknown_weighted_sum_route_is_refused(monkeypatch):
+    a, g = factors(2, 3, 4, 5, torch.float32, 0)
+    monkeypatch.setitem(triton_path.LAYOUT, "wsum_route", dict.fromkeys(DTYPES, "cublas"))
+    with pytest.raises(ValueError, match=r"'cublas' is not valid; valid choices: fused, scaled_gemm"):
+        triton_path.linear_weighted_sum(a, g, torch.ones(2, 1, device=DEVICE))
 
 
 @settings(max_examples=EXAMPLES * 3 // 5, deadline=None)
@@ -160,6 +201,12 @@ def test_non_contiguous_inputs_are_read_where_they_lie():
     c = torch.randn(2, 3, device=DEVICE).T
     assert not (a.is_contiguous() or g.is_contiguous() or v.is_contiguous() or c.is_contiguous())
     ac, gc, vc = a.contiguous(), g.contiguous(), v.contiguous()
+    for route in triton_path.WSUM_ROUTES:
+        with weighted_sum_route(route):
+            got = triton_path.linear_weighted_sum(a, g, c)
+            assert rel_error(got, ref("linear_weighted_sum", ac, gc, c.contiguous())) < 1e-5, route
+            assert rel_error(triton_path.linear_weighted_sum(g.transpose(1, 2)[:, :5].transpose(1, 2), a, c),
+                             ref("linear_weighted_sum", g[..., :5].contiguous(), ac, c.contiguous())) < 1e-5, route
     for op, args, dense in [("linear_dots", (a, g, v), (ac, gc, vc)), ("linear_sq_norms", (a, g), (ac, gc)),
                             ("linear_weighted_sum", (a, g, c), (ac, gc, c.contiguous())),
                             ("linear_cross_dots", (a, g, a, g), (ac, gc, ac, gc))]:
@@ -215,8 +262,10 @@ def test_forced_backends_agree_and_float64_stays_on_torch(monkeypatch):
 
 
 def test_weighted_sum_split_over_rows(monkeypatch):
-    """Many multiprocessors and few output tiles split the rows (SPLIT > 1, offsets, an empty last split)."""
+    """Many multiprocessors and few output tiles split the fused kernel's rows (SPLIT > 1, offsets, an
+    empty last split)."""
     monkeypatch.setattr(triton_path, "_multiprocessors", lambda device: 200)
+    monkeypatch.setitem(triton_path.LAYOUT, "wsum_route", dict.fromkeys(DTYPES, "fused"))
     a, g = factors(7, 150, 9, 5, torch.float32, 4)  # 1050 rows, one 16×16-or-larger output tile
     c = torch.randn(7, 2, device=DEVICE)
     mask = make_mask("float", 7, 150, 4)
