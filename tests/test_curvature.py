@@ -302,6 +302,13 @@ def test_product_caches_follow_parameter_changes(kind, cache):
     fresh = CurvatureOperator(model, "cross_entropy", data, kind=kind, batch_size=8)(v)
     torch.testing.assert_close(op(v), fresh)  # stale factors were dropped
     assert not torch.allclose(fresh, first)
+    # Through .data the version counter stays put (torch does not track .data); the content stamp sees it.
+    version = model[2].weight._version
+    model[2].weight.data.mul_(0.5)
+    model[0].bias.data.add_(0.25)
+    assert model[2].weight._version == version
+    fresh = CurvatureOperator(model, "cross_entropy", data, kind=kind, batch_size=8)(v)
+    torch.testing.assert_close(op(v), fresh)
 
 
 def test_batch_size_none_sizes_batches_by_activation_memory(monkeypatch):

@@ -122,6 +122,19 @@ def counting_activations(model: nn.Module) -> Iterator[list[int]]:
             h.remove()
 
 
+def _content_stamp(tensors: dict[str, torch.Tensor]) -> tuple[float, ...]:
+    """(sum, 2-norm) of every tensor, read back with one transfer per device."""
+    per_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors.values():
+        x = t.detach()
+        if x.is_complex():
+            x = torch.view_as_real(x)
+        if not x.is_floating_point():
+            x = x.to(torch.float64)  # integer and bool buffers (step counters, masks) are small
+        per_device.setdefault(x.device, []).append(torch.stack([x.sum(), torch.linalg.vector_norm(x)]).to(torch.float64))
+    return tuple(v for parts in per_device.values() for v in torch.cat(parts).tolist())
+
+
 class CurvatureOperator:
     """v ↦ (C + (weight_decay + damping) I) v for one model, loss and data set, built once for many products.
 
@@ -187,9 +200,15 @@ class CurvatureOperator:
         return {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
 
     def _refresh(self) -> None:
-        """Re-snapshot parameters and buffers if any was modified (or replaced) since the last product."""
+        """Re-snapshot parameters and buffers if any was modified (or replaced) since the last product.
+
+        Each tensor's version counter and storage catch ordinary updates; its sum and 2-norm catch
+        in-place changes made through ``.data``, which torch does not count as versions. The content
+        check reads every parameter once per product, a small fraction of a product's own cost
+        (which reads them once per batch). A change that keeps both the sum and the norm of every
+        tensor (an in-place permutation through ``.data``) is not seen."""
         tensors = self._tensors()
-        stamp = tuple((n, t._version, t.data_ptr()) for n, t in tensors.items())
+        stamp = (tuple((n, t._version, t.data_ptr()) for n, t in tensors.items()), _content_stamp(tensors))
         if stamp == self._stamp:
             return
         self._stamp = stamp
