@@ -17,6 +17,18 @@ def flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def assert_cg_done_in_one_step(op, b: torch.Tensor, preconditioner: str, options: dict) -> None:
+    """A preconditioner that inverts the damped curvature exactly: preconditioned CG converges in at most
+    two steps (one, up to rounding) where plain CG needs more, and reaches plain CG's solution."""
+    from unlearn_fast.influence.solvers import solve_operator
+
+    plain = solve_operator(op, b, tol=1e-10, max_iter=500)
+    pre = solve_operator(op, b, tol=1e-10, max_iter=500, preconditioner=preconditioner, preconditioner_options=options)
+    assert pre.converged and f"{preconditioner} preconditioner" in pre.message
+    assert pre.iterations <= 2 < plain.iterations
+    torch.testing.assert_close(pre.solution, plain.solution, rtol=1e-8, atol=1e-8)
+
+
 LOGISTIC_LAMBDA = 1e-2
 
 
