@@ -36,6 +36,8 @@ FUSED = dict.fromkeys(DTYPES, "fused")
 VARIANTS = {"new": {**{f: dict.fromkeys(DTYPES, True) for f in TRANS}, "dots_q_major": True, "fp32": "tf32x3", "wsum_route": FUSED},
             "old": {**{f: dict.fromkeys(DTYPES, False) for f in TRANS}, "dots_q_major": False, "fp32": "ieee", "wsum_route": FUSED}}
 DEFAULTS = {key: (dict(value) if isinstance(value, dict) else value) for key, value in tr.LAYOUT.items()}
+F32_OUT = tr.float32_output_mode(torch.device(dev))  # None: 16-bit "scal" rows below fall back to the fused kernel
+print("16-bit GEMMs with float32 output:", F32_OUT, flush=True)
 rows = []
 def emit(*r):
     rows.append(r); print(r, flush=True)
@@ -62,7 +64,7 @@ for dtype in (torch.bfloat16, torch.float32):
         # The scaled route (LAYOUT["wsum_route"]): c_k times the narrower factor, then cuBLAS with float32 output.
         tr.LAYOUT.update(DEFAULTS)
         tr.LAYOUT["wsum_route"] = dict.fromkeys(DTYPES, "scaled_gemm")
-        emit("wsum", "scal", str(dtype)[6:], b, t, din, dout, k, ms(lambda: tr.linear_weighted_sum(a, g, c)), gemm_wsum, fl,
+        emit("wsum", "scal" if dtype == torch.float32 or F32_OUT else "scal->fused", str(dtype)[6:], b, t, din, dout, k, ms(lambda: tr.linear_weighted_sum(a, g, c)), gemm_wsum, fl,
              rel(tr.linear_weighted_sum(a, g, c), ref_w))
         torch.cuda.empty_cache()
 # torch.func materialisation (vmap(grad) of one layer, then the dot with V) against the kernel, fp32, with peak memory.

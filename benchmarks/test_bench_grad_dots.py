@@ -146,9 +146,12 @@ def floor_dots(model, batch, vectors):
 
 
 def _seq_output_gradient(model: SeqModel, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of the batch and ∂Σℓ_i/∂(proj's output) → (A [B, T, d_in], G [B, T, d_out])."""
+    """One forward of the batch and ∂Σℓ_i/∂(proj's output) → (A [B, T, d_in], G [B, T, d_out]). The
+    768→768 GEMM goes through ``matmul_nt`` (oneDNN where it beats MKL), the fastest this machine has."""
     x, y = batch
-    z = model.proj(x)
+    with torch.no_grad():
+        z = matmul_nt(x.reshape(-1, x.shape[-1]), model.proj.weight.detach()).add_(model.proj.bias).view(*x.shape[:2], -1)
+    z.requires_grad_(True)
     losses = F.cross_entropy(model.head(torch.relu(z).mean(1)), y, reduction="none")
     (g,) = torch.autograd.grad(losses.sum(), z)
     return x, g

@@ -270,7 +270,7 @@ def scale_rows_kernel(x_ptr, c_ptr, out_ptr, ROW0, N, T, D, K, COL, sxb, sxt, sx
     """out [N, D] (contiguous, x's dtype) = c[r, COL] · x[r, :] for rows r = ROW0 … ROW0 + N − 1 of x;
     c is [R, K] fp32, the product is taken in fp32 and rounded once."""
     rows = (ROW0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ds = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)  # ds·sxd passes 2³¹ column-major
     r_ok = rows < ROW0 + N
     ok = r_ok[:, None] & (ds < D)[None, :]
     x = tl.load(x_ptr + ((rows // T) * sxb + (rows % T) * sxt)[:, None] + ds[None, :] * sxd, mask=ok, other=0.0)

@@ -49,9 +49,10 @@ LAYOUT: dict[str, object] = {
     "wsum_route": dict.fromkeys(_ALL_DTYPES, "scaled_gemm"),
 }
 WSUM_ROUTES = ("fused", "scaled_gemm")
-# Rows of the narrower factor scaled per GEMM: the route's only extra memory (2048·768 bf16 = 3 MiB), and
-# a GEMM depth long enough for full tensor-core tiles.
-SCALED_CHUNK_ROWS = 2048
+# Bytes of the narrower factor scaled per GEMM: the route's extra memory, beyond a float32 output slice when
+# 16-bit GEMMs cannot add into float32 in place. Large enough (21,845 rows at d = 768 in bf16: ~100 µs of
+# H100 GEMM at 768×3072) that the two launches per chunk (~30 µs of Python) stay hidden behind the GPU.
+SCALED_CHUNK_BYTES = 32 << 20
 
 
 def _flags(dtype: torch.dtype, kernel: str) -> dict[str, object]:
@@ -189,7 +190,7 @@ def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask:
     route = LAYOUT["wsum_route"][a.dtype]
     if route not in WSUM_ROUTES:
         raise ValueError(f"LAYOUT['wsum_route'][{a.dtype}] = {route!r} is not valid; valid choices: {', '.join(WSUM_ROUTES)}")
-    if route == "scaled_gemm" and (a.dtype == torch.float32 or _float32_output_gemm(a.device)):
+    if route == "scaled_gemm" and (a.dtype == torch.float32 or float32_output_mode(a.device)):
         return _scaled_gemm_weighted_sum(a, g, weights, out)
     # Split the rows when the output tiles (at 128×128) would leave most multiprocessors idle.
     tiles = triton.cdiv(d_out, 128) * triton.cdiv(d_in, 128) * k
@@ -203,37 +204,50 @@ def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask:
     return out
 
 
-_FLOAT32_OUTPUT: dict[str, bool] = {}  # device type → whether 16-bit GEMMs can write and add into float32 there
+_FLOAT32_OUTPUT: dict[str, str | None] = {}  # device type → how 16-bit GEMMs write float32 there (see below)
 
 
-def _float32_output_gemm(device: torch.device) -> bool:
-    """Whether ``torch.mm`` / ``torch.addmm`` take 16-bit operands with ``out_dtype=float32`` here (CUDA in
-    recent torch), checked on a tiny product, accumulation into the output included. Without them the
-    scaled route would round the sum to 16 bits or multiply in float32, so the fused kernel serves."""
+def float32_output_mode(device: torch.device) -> str | None:
+    """How 16-bit GEMMs give float32 results on ``device``, probed once on a tiny product: "out" when
+    ``torch.mm`` / ``torch.addmm`` with ``out_dtype=float32`` write and add into a float32 tensor in place
+    (CUDA in recent torch), "copy" when only ``torch.mm(..., out_dtype=)`` runs (its result is then added
+    to the output), None when neither does: the scaled route would then round the sum to 16 bits or
+    multiply in float32, so the fused kernel serves."""
     if device.type not in _FLOAT32_OUTPUT:
+        _FLOAT32_OUTPUT[device.type] = None
         probe = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
-        out = torch.ones(2, 2, dtype=torch.float32, device=device)
-        try:
-            _gemm_into(out, probe, probe, accumulate=True)
-            _FLOAT32_OUTPUT[device.type] = bool((out == 3).all())
-        except (TypeError, RuntimeError, NotImplementedError):
-            _FLOAT32_OUTPUT[device.type] = False
+        for mode in ("out", "copy"):
+            out = torch.zeros(2, 2, dtype=torch.float32, device=device)
+            try:
+                _FLOAT32_OUTPUT[device.type] = mode
+                _gemm_into(out, probe, probe, accumulate=False)
+                _gemm_into(out, probe, probe, accumulate=True)
+                if bool((out == 4).all()):
+                    break
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass
+            _FLOAT32_OUTPUT[device.type] = None
     return _FLOAT32_OUTPUT[device.type]
 
 
 def _gemm_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, accumulate: bool) -> None:
     """out [m, n] float32 (+)= x [m, r] @ y [r, n], the product accumulated in float32 by the GEMM itself."""
-    half = {} if x.dtype == torch.float32 else {"out_dtype": torch.float32}
-    if accumulate:
-        torch.addmm(out, x, y, out=out, **half)
+    if x.dtype == torch.float32:
+        torch.addmm(out, x, y, out=out) if accumulate else torch.mm(x, y, out=out)
+    elif _FLOAT32_OUTPUT[out.device.type] == "out":
+        if accumulate:
+            torch.addmm(out, x, y, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(x, y, out_dtype=torch.float32, out=out)
     else:
-        torch.mm(x, y, out=out, **half)
+        product = torch.mm(x, y, out_dtype=torch.float32)
+        out.add_(product) if accumulate else out.copy_(product)
 
 
 def _scaled_gemm_weighted_sum(a: torch.Tensor, g: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [K, d_out, d_in] = Gᵀ(diag(w_k)A) or (diag(w_k)G)ᵀA, scaling whichever factor is narrower;
-    weights [B·T, K] float32. Rows go SCALED_CHUNK_ROWS at a time: one scaling pass, then one GEMM
-    adding into out[k] (float32 output from 16-bit operands)."""
+    weights [B·T, K] float32. Rows go SCALED_CHUNK_BYTES of the narrower factor at a time: one scaling
+    pass, then one GEMM adding into out[k] (float32 output from 16-bit operands)."""
     b, t, d_in = a.shape
     d_out, k = g.shape[2], weights.shape[1]
     rows = b * t
@@ -242,7 +256,7 @@ def _scaled_gemm_weighted_sum(a: torch.Tensor, g: torch.Tensor, weights: torch.T
     d_narrow = narrow.shape[2]
     wide_rows = wide.reshape(rows, wide.shape[2])  # a view when (b, t) merge, else one copy for cuBLAS
     block_r, block_d = (16, 32) if tk.INTERPRET else (32, 128)
-    step = min(rows, SCALED_CHUNK_ROWS)
+    step = max(1, min(rows, SCALED_CHUNK_BYTES // (d_narrow * a.element_size())))
     scaled = torch.empty(step, d_narrow, dtype=a.dtype, device=a.device)
     for col in range(k):
         for r0 in range(0, rows, step):

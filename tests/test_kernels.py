@@ -99,7 +99,7 @@ def weighted_sum_route(route: str):
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(triton_path.LAYOUT, "wsum_route", dict.fromkeys(DTYPES, route))
         if DEVICE == "cpu":
-            patch.setitem(triton_path._FLOAT32_OUTPUT, "cpu", True)
+            patch.setitem(triton_path._FLOAT32_OUTPUT, "cpu", "out")
             patch.setattr(triton_path, "_gemm_into", _float32_gemm_into)
         yield
 
@@ -136,11 +136,35 @@ def test_weighted_sum_routes_match_the_reference(route, case, small_chunks):
     mask = make_mask(mask_kind, b, t, seed)
     c = torch.randn(b, k, generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE)
     with weighted_sum_route(route), pytest.MonkeyPatch.context() as patch:
-        if small_chunks:  # rows in blocks of 3: the row loop, its offsets and the accumulation into out
-            patch.setattr(triton_path, "SCALED_CHUNK_ROWS", 3)
+        if small_chunks:  # rows in blocks of 1–3: the row loop, its offsets and the accumulation into out
+            patch.setattr(triton_path, "SCALED_CHUNK_BYTES", 3 * min(d_in, d_out) * a.element_size())
         got = triton_path.linear_weighted_sum(a, g, c, mask)
     assert got.dtype == torch.float32
     assert ref_error(got, "linear_weighted_sum", a, g, c, mask) < TOLERANCE[dtype]
+
+
+def test_float32_output_probe_picks_what_runs(monkeypatch):
+    """"out" where mm/addmm write float32 in place, "copy" where only mm(out_dtype=) runs, None where
+    neither does (the CPU build: the fused kernel then serves 16-bit inputs)."""
+    calls = []
+    monkeypatch.setattr(triton_path, "_FLOAT32_OUTPUT", {})
+    real_mm = torch.mm
+
+    def mm_without_out(x, y, out_dtype=None, out=None):
+        calls.append("mm")
+        if out is not None:
+            raise RuntimeError("no dtype_out here")
+        return real_mm(x.float(), y.float()) if out_dtype is not None else real_mm(x, y)
+    monkeypatch.setattr(torch, "mm", mm_without_out)
+    assert triton_path.float32_output_mode(torch.device("cpu")) == "copy" and calls
+    monkeypatch.setattr(torch, "mm", real_mm)
+    triton_path._FLOAT32_OUTPUT.clear()
+    mode = triton_path.float32_output_mode(torch.device("cpu"))
+    try:  # the probe must agree with what this build's CPU mm really does
+        torch.mm(torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(2, 2, dtype=torch.bfloat16), out_dtype=torch.float32)
+        assert mode in ("out", "copy")
+    except (TypeError, RuntimeError, NotImplementedError):
+        assert mode is None
 
 
 def test_an_unknown_weighted_sum_route_is_refused(monkeypatch):
@@ -207,6 +231,10 @@ def test_non_contiguous_inputs_are_read_where_they_lie():
             assert rel_error(got, ref("linear_weighted_sum", ac, gc, c.contiguous())) < 1e-5, route
             assert rel_error(triton_path.linear_weighted_sum(g.transpose(1, 2)[:, :5].transpose(1, 2), a, c),
                              ref("linear_weighted_sum", g[..., :5].contiguous(), ac, c.contiguous())) < 1e-5, route
+            # the narrower factor permuted (no stride is 1 along d, rows do not merge), as A and as G
+            narrow = torch.randn(4, 6, 3, device=DEVICE).permute(2, 1, 0)  # [3, 6, 4], strides (1, 3, 18)
+            assert rel_error(triton_path.linear_weighted_sum(narrow, g, c), ref("linear_weighted_sum", narrow.contiguous(), gc, c.contiguous())) < 1e-5, route
+            assert rel_error(triton_path.linear_weighted_sum(a, narrow, c), ref("linear_weighted_sum", ac, narrow.contiguous(), c.contiguous())) < 1e-5, route
     for op, args, dense in [("linear_dots", (a, g, v), (ac, gc, vc)), ("linear_sq_norms", (a, g), (ac, gc)),
                             ("linear_weighted_sum", (a, g, c), (ac, gc, c.contiguous())),
                             ("linear_cross_dots", (a, g, a, g), (ac, gc, ac, gc))]:

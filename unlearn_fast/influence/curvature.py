@@ -122,16 +122,26 @@ def counting_activations(model: nn.Module) -> Iterator[list[int]]:
             h.remove()
 
 
-def _content_stamp(tensors: dict[str, torch.Tensor]) -> tuple[float, ...]:
-    """(sum, 2-norm) of every tensor, read back with one transfer per device."""
+_SAME_WIDTH_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _content_stamp(tensors: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """Per tensor, two wrapping integer sums of its raw bits (all elements; the first half), read back
+    with one transfer per device. Modular integer sums are exact and order-free: a change to one
+    element's bits always changes them, whatever the dtype or magnitude; the same content always gives
+    the same stamp (NaNs and all); no float rounding can hide a small update. Accumulating in the
+    element's own width (int32 for ≤ 4 bytes) keeps the pass as fast as a float32 sum."""
     per_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors.values():
         x = t.detach()
         if x.is_complex():
             x = torch.view_as_real(x)
-        if not x.is_floating_point():
-            x = x.to(torch.float64)  # integer and bool buffers (step counters, masks) are small
-        per_device.setdefault(x.device, []).append(torch.stack([x.sum(), torch.linalg.vector_norm(x)]).to(torch.float64))
+        if x.is_floating_point() or x.dtype == torch.bool:
+            x = x.view(_SAME_WIDTH_INTEGER[x.element_size()])
+        flat = x.reshape(-1)
+        wrap = torch.int64 if flat.element_size() == 8 else torch.int32
+        sums = torch.stack([flat.sum(dtype=wrap), flat[: flat.numel() // 2].sum(dtype=wrap)]).to(torch.int64)
+        per_device.setdefault(x.device, []).append(sums)
     return tuple(v for parts in per_device.values() for v in torch.cat(parts).tolist())
 
 
@@ -202,11 +212,11 @@ class CurvatureOperator:
     def _refresh(self) -> None:
         """Re-snapshot parameters and buffers if any was modified (or replaced) since the last product.
 
-        Each tensor's version counter and storage catch ordinary updates; its sum and 2-norm catch
+        Each tensor's version counter and storage catch ordinary updates; sums of its raw bits catch
         in-place changes made through ``.data``, which torch does not count as versions. The content
         check reads every parameter once per product, a small fraction of a product's own cost
-        (which reads them once per batch). A change that keeps both the sum and the norm of every
-        tensor (an in-place permutation through ``.data``) is not seen."""
+        (which reads them once per batch). Not seen: changes whose bit differences cancel in both
+        sums, such as swapping two elements within one half of a tensor through ``.data``."""
         tensors = self._tensors()
         stamp = (tuple((n, t._version, t.data_ptr()) for n, t in tensors.items()), _content_stamp(tensors))
         if stamp == self._stamp:
