@@ -12,6 +12,7 @@ from torch import nn
 from helpers import SequenceModel, SharedWeight, TextModel, cnn_with_batchnorm, gpt2_ids, padded_ids, tiny_gpt2
 from unlearn_fast.influence.per_sample import fisher_vp, grad_dots, grad_norms, loss_gradient, per_sample_grads
 from unlearn_fast.influence.vectors import as_flat, trainable
+from unlearn_fast.kernels import torch_path
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
@@ -73,6 +74,19 @@ def test_sequence_linear_both_forms(t, d_in, d_hidden, k):
     torch.manual_seed(0)
     model = SequenceModel(d_in, d_hidden, 4)
     _check(model, (torch.randn(5, t, d_in), torch.randint(0, 4, (5,))), torch.float64, k)
+
+
+@pytest.mark.parametrize("t, d_in, d_hidden", [(4, 9, 7), (9, 2, 7)])  # built dots; built norms too
+@pytest.mark.parametrize("tile_rows, max_elements", [(2, 1 << 20), (3, 54)])  # row blocks; and 2-sample chunks
+def test_sequence_linear_gradients_built_in_blocks(monkeypatch, t, d_in, d_hidden, tile_rows, max_elements):
+    """Per-sample gradients built a few rows (and samples) at a time, with a short last block, still
+    cover every row and sample exactly once."""
+    monkeypatch.setattr(torch_path, "BUILT_WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(torch_path, "BUILT_TILE_ROWS", tile_rows)
+    monkeypatch.setattr(torch_path, "MAX_INTERMEDIATE", max_elements)
+    torch.manual_seed(1)
+    model = SequenceModel(d_in, d_hidden, 4)
+    _check(model, (torch.randn(5, t, d_in), torch.randint(0, 4, (5,))), torch.float64, 3)
 
 
 def test_gpt2_block_conv1d_with_padded_sequences():
