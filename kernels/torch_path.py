@@ -9,10 +9,10 @@ Per layer, on A [B, T, d_in] and G [B, T, d_out] (the per-sample gradient is g_i
   sample that share its A (G [B, R, T, d_out]: the columns of the loss's Hessian root, for the GGN)
 
 A mask [B, T] multiplies G's rows (a masked position contributes nothing). Half inputs are upcast
-and accumulated in float32; other dtypes stay as they are. The dots' [B·T, K, d] products, built
-per-sample gradients and cross-dot tiles are bounded by MAX_INTERMEDIATE elements (split over K,
-samples or tiles); the weighted sum's (diag(c)G)ᵀ [K, d_out, B·T] and the ghost norms' [B, T, T]
-Grams are not.
+and accumulated in float32; other dtypes stay as they are. The dots' [B·T, K, d] products are split
+over K down to one vector, whose [B·T, d] is the size of the layer's own output; built per-sample
+gradients and cross-dot tiles are bounded by MAX_INTERMEDIATE elements (split over samples, rows or
+tiles); the weighted sum's (diag(c)G)ᵀ [K, d_out, B·T] and the ghost norms' [B, T, T] Grams are not.
 """
 
 from __future__ import annotations
