@@ -10,7 +10,8 @@ Per layer, on A [B, T, d_in] and G [B, T, d_out] (the per-sample gradient is g_i
 
 A mask [B, T] multiplies G's rows (a masked position contributes nothing). Half inputs are upcast
 and accumulated in float32; other dtypes stay as they are. The dots' [B·T, K, d] products are split
-over K down to one vector, whose [B·T, d] is the size of the layer's own output; built per-sample
+over K down to one vector: then the product and its elementwise product take 2·B·T·max(d_in, d_out)
+elements, twice the larger of the layer's input and output; built per-sample
 gradients and cross-dot tiles are bounded by MAX_INTERMEDIATE elements (split over samples, rows or
 tiles); the weighted sum's (diag(c)G)ᵀ [K, d_out, B·T] and the ghost norms' [B, T, T] Grams are not.
 """
@@ -26,11 +27,11 @@ from .cpu_gemm import matmul_nt
 
 # Cap on the elements of an intermediate [B, K, T, d] product; larger work is split.
 MAX_INTERMEDIATE = 1 << 25
-# Built per-sample gradients of a whole batch larger than BUILT_WHOLE_ELEMENTS are made BUILT_TILE_ROWS rows
-# of d_out at a time ([n, 128, d_in] blocks): memory O(B·d_in) instead of O(B·d_in·d_out), and faster on the
-# CPU, the blocks staying in cache (B=16, T=128, K=4 dots, 2 cores, medians of 9 interleaved: 768→3072
-# 109–111 → 68–72 ms, 3072→768 114–116 → 75–85 ms). Below that size whole g_i were as fast or faster
-# (B=32, T=64, 256×256, K=8: 2.1–2.7 ms whole, 2.9–3.7 in 128-row blocks).
+# On the CPU, built per-sample gradients of a whole batch larger than BUILT_WHOLE_ELEMENTS are made
+# BUILT_TILE_ROWS rows of d_out at a time ([n, 128, d_in] blocks): memory O(B·d_in) instead of
+# O(B·d_in·d_out), and faster, the blocks staying in cache (B=16, T=128, K=4 dots, 2 cores, medians of 9
+# interleaved: 768→3072 109–111 → 68–72 ms, 3072→768 114–116 → 75–85 ms). Below that size whole g_i were
+# as fast or faster (B=32, T=64, 256×256, K=8: 2.1–2.7 ms whole, 2.9–3.7 in 128-row blocks).
 BUILT_WHOLE_ELEMENTS = 1 << 22
 BUILT_TILE_ROWS = 128
 
@@ -80,20 +81,21 @@ def linear_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, mask: torch.T
                 out[:, k0:k0 + step] = (gw * a.unsqueeze(2)).sum((1, 3))
         return out
     out.zero_()
-    for samples, rows, block in built_blocks(a, g):  # a skinny GEMM on a strided view of the vectors, no copy
+    for samples, rows, block in built_blocks(a, g):  # a skinny GEMM on the vectors' rows (a view if W is contiguous)
         out[samples] += block.reshape(block.shape[0], -1) @ w[:, rows].reshape(k, -1).T
     return out
 
 
 def built_blocks(a: torch.Tensor, g: torch.Tensor) -> Iterator[tuple[slice, slice, torch.Tensor]]:
     """(samples, d_out rows, block) covering every per-sample gradient g_i = G_iᵀA_i: block [n, q, d_in]
-    holds rows ``rows`` of the g_i of ``samples``: whole g_i when all B of them take at most
+    holds rows ``rows`` of the g_i of ``samples``: whole g_i off the CPU (where the torch path serves only
+    float64 and differentiable inputs, and blocks were not timed) or when all B of them take at most
     BUILT_WHOLE_ELEMENTS, else BUILT_TILE_ROWS rows at a time; at most MAX_INTERMEDIATE elements."""
     b, _, d_in = a.shape
     d_out = g.shape[2]
-    whole = b * d_out * d_in <= BUILT_WHOLE_ELEMENTS
+    whole = a.device.type != "cpu" or b * d_out * d_in <= BUILT_WHOLE_ELEMENTS
     height = max(1, d_out if whole else min(d_out, BUILT_TILE_ROWS))
-    step = max(1, MAX_INTERMEDIATE // (height * d_in))
+    step = max(1, MAX_INTERMEDIATE // max(1, height * d_in))
     g_t = g.transpose(1, 2)
     for s in range(0, b, step):
         for q in range(0, d_out, height):

@@ -84,9 +84,18 @@ def test_sequence_linear_gradients_built_in_blocks(monkeypatch, t, d_in, d_hidde
     monkeypatch.setattr(torch_path, "BUILT_WHOLE_ELEMENTS", 0)
     monkeypatch.setattr(torch_path, "BUILT_TILE_ROWS", tile_rows)
     monkeypatch.setattr(torch_path, "MAX_INTERMEDIATE", max_elements)
+    blocks = []
+    real = torch_path.built_blocks
+
+    def counted(a, g):
+        for item in real(a, g):
+            blocks.append(item[1])
+            yield item
+    monkeypatch.setattr(torch_path, "built_blocks", counted)
     torch.manual_seed(1)
     model = SequenceModel(d_in, d_hidden, 4)
     _check(model, (torch.randn(5, t, d_in), torch.randint(0, 4, (5,))), torch.float64, 3)
+    assert len({(r.start, r.stop) for r in blocks}) > 1  # the rows really came in blocks
 
 
 def test_gpt2_block_conv1d_with_padded_sequences():
