@@ -7,6 +7,7 @@ path on the same (already rounded) inputs, so input rounding is never counted as
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -64,12 +65,23 @@ def _for_shapes(shapes, dtypes) -> list[Case]:
             for dtype in dtypes for (b, t, d_in, d_out) in shapes for op, k in ops]
 
 
+CPU_SIZES_ENV = "KERNEL_BENCH_CPU_SIZES"
+CPU_SIZES = ("small", "gpt2")
+
+
 def cases() -> list[Case]:
-    """On CUDA: an MLP layer and GPT-2-small's three layer shapes at T=128 and 512, fp32 and bf16;
-    on CPU: small sizes in fp32 only, so the file runs in about a minute on 2 cores."""
+    """On CUDA: an MLP layer and GPT-2-small's three layer shapes at T=128 and 512, fp32 and bf16.
+    On CPU, by ``KERNEL_BENCH_CPU_SIZES``: "small" (the default: two small fp32 sizes, so the file runs
+    in about a minute on 2 cores) or "gpt2" (GPT-2-small's three layer shapes at B=8, T=128, fp32:
+    several minutes)."""
     if CUDA:
         shapes = [(256, 1, 1024, 1024)] + [(64, t, d_in, d_out) for t in (128, 512) for d_in, d_out in GPT2_LAYERS]
         return _for_shapes(shapes, ("float32", "bfloat16"))
+    sizes = os.environ.get(CPU_SIZES_ENV, "small").strip().lower() or "small"
+    if sizes not in CPU_SIZES:
+        raise ValueError(f"{CPU_SIZES_ENV}={sizes!r} is not valid; valid choices: {', '.join(CPU_SIZES)}")
+    if sizes == "gpt2":
+        return _for_shapes([(8, 128, d_in, d_out) for d_in, d_out in GPT2_LAYERS], ("float32",))
     return _for_shapes([(64, 1, 1024, 1024), (32, 64, 256, 256)], ("float32",))
 
 

@@ -20,9 +20,10 @@ the same run:
 Operations: grad_dots (K=1, K=8), grad_norms (T=1: row norms; sequences: ghost form), fisher_vp (K=1).
 Sizes (kernel_cases.cases): on CUDA an MLP layer (B=256, T=1, 1024→1024) and GPT-2-small's layers
 768→768, 768→3072, 3072→768 at T=128 and 512 (B=64), in float32 and bfloat16; on CPU two small
-float32 sizes. Before timing, each path's result must match the float64 torch path on the same
-inputs (relative Frobenius error ≤ 5e-3 in float32, ≤ 3e-2 in bfloat16), and the kernels path must
-not have fallen back from Triton to torch: a fast wrong kernel cannot post a figure.
+float32 sizes, or with ``KERNEL_BENCH_CPU_SIZES=gpt2`` the three GPT-2 shapes at B=8, T=128. Before
+timing, each path's result must match the float64 torch path on the same inputs (relative Frobenius
+error ≤ 5e-3 in float32, ≤ 3e-2 in bfloat16), and the kernels path must not have fallen back from
+Triton to torch: a fast wrong kernel cannot post a figure.
 
 Timing: the first calls warm up (Triton autotunes each new shape there). The benchmarked callable
 synchronises on CUDA, so pytest-benchmark's time is real wall time, launch and Python overhead

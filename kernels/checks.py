@@ -70,8 +70,7 @@ def check_vectors(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
         shape = _shape(w) if isinstance(w, torch.Tensor) else type(w).__name__
         raise ValueError(f"V must be [K, d_out, d_in] = [K, {g.shape[2]}, {a.shape[2]}] for G {_shape(g)} "
                          f"and A {_shape(a)}, got {shape}")
-    if w.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"V has dtype {w.dtype}; valid choices: {', '.join(map(str, FLOAT_DTYPES))}")
+    check_partner_dtype("V", w, a)
     if w.device != a.device:
         raise ValueError(f"V is on {w.device} and A on {a.device}; put them on one device")
 
@@ -84,10 +83,18 @@ def check_weights(a: torch.Tensor, c: torch.Tensor, rows: tuple[int, ...] = ()) 
         axes = "[B, R, K]" if rows else "[B, K]"
         sizes = ", ".join([f"B = {a.shape[0]}"] + [f"R = {r}" for r in rows])
         raise ValueError(f"C must be {axes} with {sizes} like A {_shape(a)}, got {shape}")
-    if c.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"C has dtype {c.dtype}; valid choices: {', '.join(map(str, FLOAT_DTYPES))}")
+    check_partner_dtype("C", c, a)
     if c.device != a.device:
         raise ValueError(f"C is on {c.device} and A on {a.device}; put them on one device")
+
+
+def check_partner_dtype(name: str, t: torch.Tensor, a: torch.Tensor) -> None:
+    """V or C in A's dtype, or in float32 beside half A (what results accumulate in): any other dtype
+    would be silently rounded to A's (float64 V beside float32 A) or mixed into it."""
+    valid = (a.dtype, accumulate_dtype(a.dtype))
+    if t.dtype not in valid:
+        choices = " or ".join(dict.fromkeys(map(str, valid)))
+        raise ValueError(f"{name} has dtype {t.dtype} beside A {_shape(a)} of {a.dtype}; valid choices: {choices}")
 
 
 def float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

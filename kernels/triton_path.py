@@ -1,8 +1,9 @@
 """Launchers of the Triton kernels: the same operations and signatures as torch_path.py.
 
 Inputs are float16, bfloat16 or float32 (float64 stays on the torch path, see the dispatch);
-results are float32. V and C are cast to A's dtype for the tensor-core products, so with half
-inputs the vectors are rounded to that dtype too.
+results are float32. For the tensor-core products, factored-order dots cast V to A's dtype, and the
+weighted sum rounds each c·g to it (C itself is read in float32), so half inputs round those too;
+built-order dots read V in float32, unrounded.
 """
 
 from __future__ import annotations

@@ -352,7 +352,8 @@ class _MaskedModel(nn.Module):
 def test_memory_probe_runs_through_a_callable_loss_and_caps_the_batch():
     """The probe calls the model the way the products do (through the loss), counts tuple outputs,
     and never takes more than MAX_MEMORY_BATCH samples at once."""
-    from unlearn_fast.influence.curvature import MAX_MEMORY_BATCH, counting_activations
+    from unlearn_fast.influence.curvature import MAX_MEMORY_BATCH
+    from unlearn_fast.influence.model_state import counting_activations
 
     torch.manual_seed(0)
     packed = torch.stack([torch.randn(3000, 5), (torch.rand(3000, 5) > 0.2).float()], dim=1)  # [N, 2, 5]
@@ -371,15 +372,15 @@ def test_memory_probe_runs_through_a_callable_loss_and_caps_the_batch():
 
 
 def test_content_stamp_sees_any_change_and_only_changes():
-    from unlearn_fast.influence.curvature import _content_stamp
+    from unlearn_fast.influence.model_state import content_stamp
 
     torch.manual_seed(0)
     tensors = {"w": torch.randn(300, 200), "h": torch.randn(5000).half(), "b": torch.randn(64).bfloat16(),
                "d": torch.randn(7, dtype=torch.float64), "c": torch.randn(3, dtype=torch.complex64),
                "n": torch.full((4,), float("nan")), "i": torch.arange(5, dtype=torch.int8),
                "flag": torch.ones(3, dtype=torch.bool), "t": torch.randn(6, 5).T, "empty": torch.zeros(0)}
-    before = _content_stamp(tensors)
-    assert _content_stamp({k: v.clone() for k, v in tensors.items()}) == before  # same content, NaNs included
+    before = content_stamp(tensors)
+    assert content_stamp({k: v.clone() for k, v in tensors.items()}) == before  # same content, NaNs included
     changes = [("w", lambda t: t[17, 3].add_(1e-6)),  # below a float32 sum's rounding of 60,000 elements
                ("h", lambda t: t[4999].mul_(-1)), ("b", lambda t: t.mul_(1.01)), ("d", lambda t: t[6].add_(1e-13)),
                ("c", lambda t: t[1].mul_(1j)), ("i", lambda t: t[0].fill_(9)), ("flag", lambda t: t[2].fill_(False)),
@@ -387,4 +388,4 @@ def test_content_stamp_sees_any_change_and_only_changes():
     for name, change in changes:
         copy = {k: v.clone() for k, v in tensors.items()}
         change(copy[name])
-        assert _content_stamp(copy) != before, name
+        assert content_stamp(copy) != before, name

@@ -1,4 +1,4 @@
-"""The Triton kernels against the float64 torch path, and the dispatch in front of them.
+"""The Triton kernels against the float64 torch path (the dispatch in front of them: test_kernel_dispatch.py).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set in
 conftest.py before anything imports them), so CI exercises the kernels' own code. With a GPU the
@@ -21,8 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import unlearn_fast.kernels as kernels
-from unlearn_fast.influence import fisher_vp, grad_dots, grad_norms
-from unlearn_fast.influence.vectors import trainable
 from unlearn_fast.kernels import torch_path
 
 triton = pytest.importorskip("triton", reason="the Triton kernel tests need the triton package")
@@ -252,43 +250,6 @@ def test_non_finite_inputs_stay_non_finite():
     assert not torch.isfinite(triton_path.linear_weighted_sum(a, g, torch.ones(3, 1, device=DEVICE))).all()
 
 
-def test_dispatch_validates_and_handles_empty_batches():
-    a, g = factors(2, 3, 5, 4, torch.float32, 0)
-    with pytest.raises(ValueError, match=r"A \[2, 3, 5\] and G \[2, 2, 4\] must agree"):
-        kernels.linear_dots(a, g[:, :2], torch.randn(1, 4, 5, device=DEVICE))
-    with pytest.raises(ValueError, match=r"V must be \[K, d_out, d_in\] = \[K, 4, 5\].*got \[1, 5, 4\]"):
-        kernels.linear_dots(a, g, torch.randn(1, 5, 4, device=DEVICE))
-    with pytest.raises(ValueError, match="must have one dtype"):
-        kernels.linear_sq_norms(a, g.double())
-    with pytest.raises(ValueError, match=r"mask must be \[B, T\] = \[2, 3\]"):
-        kernels.linear_sq_norms(a, g, torch.ones(3, 2, dtype=torch.bool, device=DEVICE))
-    with pytest.raises(ValueError, match="has dtype torch.int64; valid choices"):
-        kernels.linear_sq_norms(a.long(), g.long())
-    with pytest.raises(ValueError, match=r"C must be \[B, K\] with B = 2"):
-        kernels.linear_weighted_sum(a, g, torch.ones(3, 1, device=DEVICE))
-    with pytest.raises(ValueError, match="must share d_in, d_out"):
-        kernels.linear_cross_dots(a, g, a[..., :4], g)
-    empty_a, empty_g = a[:0], g[:0]
-    assert kernels.linear_dots(empty_a, empty_g, torch.randn(3, 4, 5, device=DEVICE)).shape == (0, 3)
-    assert kernels.linear_sq_norms(empty_a, empty_g).shape == (0,)
-    assert kernels.linear_cross_dots(empty_a, empty_g, a, g).shape == (0, 2)
-    assert kernels.linear_weighted_sum(empty_a, empty_g, torch.ones(0, 2, device=DEVICE)).abs().sum() == 0
-    assert kernels.linear_fisher_vp(empty_a, empty_g, torch.randn(2, 4, 5, device=DEVICE)).shape == (2, 4, 5)
-
-
-def test_forced_backends_agree_and_float64_stays_on_torch(monkeypatch):
-    a, g = factors(3, 4, 12, 9, torch.float32, 1)
-    v = torch.randn(2, 9, 12, device=DEVICE)
-    results = {}
-    for backend in kernels.BACKENDS:
-        monkeypatch.setenv(kernels.BACKEND_ENV, backend)
-        results[backend] = kernels.linear_fisher_vp(a, g, v)
-    assert rel_error(results["triton"], results["torch"]) < 1e-5
-    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
-    monkeypatch.setattr(triton_path, "linear_dots", lambda *args: pytest.fail("float64 reached Triton"))
-    kernels.linear_dots(a.double(), g.double(), v.double())
-
-
 def test_weighted_sum_split_over_rows(monkeypatch):
     """Many multiprocessors and few output tiles split the fused kernel's rows (SPLIT > 1, offsets, an
     empty last split)."""
@@ -298,44 +259,3 @@ def test_weighted_sum_split_over_rows(monkeypatch):
     c = torch.randn(7, 2, device=DEVICE)
     mask = make_mask("float", 7, 150, 4)
     assert rel_error(triton_path.linear_weighted_sum(a, g, c, mask), ref("linear_weighted_sum", a, g, c, mask)) < 1e-5
-
-
-def test_a_failing_kernel_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setenv(kernels.BACKEND_ENV, "triton")
-    warnings.resetwarnings()
-
-    def broken(*args):
-        raise RuntimeError("PTX assembly failed")
-
-    monkeypatch.setattr(triton_path, "linear_sq_norms", broken)
-    a, g = factors(2, 3, 5, 4, torch.float32, 0)
-    with pytest.warns(RuntimeWarning, match=r"linear_sq_norms \(torch.float32\) failed .*PTX assembly failed.*torch path"):
-        first = kernels.linear_sq_norms(a, g)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        second = kernels.linear_sq_norms(a, g)
-    assert torch.equal(first, second) and rel_error(first, ref("linear_sq_norms", a, g)) < 1e-6
-
-
-def test_influence_operations_use_the_dispatch(monkeypatch):
-    """grad_dots, grad_norms and the Fisher product of a model give the same numbers on both backends,
-    and the Triton backend is really called for them."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).to(DEVICE)
-    batch = (torch.randn(5, 6, device=DEVICE), torch.randint(0, 3, (5,), device=DEVICE))
-    params = trainable(model)
-    vectors = {n: torch.randn(2, *p.shape, device=DEVICE) for n, p in params.items()}
-    calls = []
-    for name in ("linear_dots", "linear_sq_norms", "linear_weighted_sum"):
-        real = getattr(triton_path, name)
-        monkeypatch.setattr(triton_path, name, lambda *args, real=real, name=name: calls.append(name) or real(*args))
-    out = {}
-    for backend in kernels.BACKENDS:
-        monkeypatch.setenv(kernels.BACKEND_ENV, backend)
-        out[backend] = (grad_dots(model, "cross_entropy", batch, vectors), grad_norms(model, "cross_entropy", batch),
-                        fisher_vp(model, "cross_entropy", batch, vectors, params))
-    assert set(calls) == {"linear_dots", "linear_sq_norms", "linear_weighted_sum"}
-    assert rel_error(out["triton"][0], out["torch"][0]) < 1e-5
-    assert rel_error(out["triton"][1], out["torch"][1]) < 1e-5
-    for name in params:
-        assert rel_error(out["triton"][2][name], out["torch"][2][name]) < 1e-5

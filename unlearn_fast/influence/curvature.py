@@ -33,14 +33,11 @@ and 7.5 ms in one of 1,437), a few sequences of a transformer.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_leaves
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -48,6 +45,7 @@ from ..data.similar_dataset import as_tensors
 from ..losses import NAMED_LOSSES, Loss, check_loss, output_loss, per_sample_loss
 from ..modes import eval_mode
 from ..validation import check_choice, check_number, check_positive_int, resolve_device
+from .model_state import content_stamp, counting_activations
 from .ggn_factors import GGNFactors, capture_ggn_factors, factored_ggn_problem, ggn_factors_vp
 from .vectors import Vector, VectorForm, as_dict, num_params, trainable
 
@@ -101,48 +99,6 @@ def _data_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"data needs N >= 1 inputs and as many labels, got {inputs.shape[0]} inputs "
                          f"and {labels.shape[0]} labels")
     return inputs, labels
-
-
-@contextmanager
-def counting_activations(model: nn.Module) -> Iterator[list[int]]:
-    """Within the block, the bytes of every tensor a module of ``model`` outputs are appended to the
-    yielded list (forward hooks, removed on exit)."""
-    sizes: list[int] = []
-
-    def record(_module: nn.Module, _args: Any, out: Any) -> None:
-        for leaf in tree_leaves(out):  # tensors, or the tensors in a tuple/dict output (LSTM, HF blocks)
-            if torch.is_tensor(leaf):
-                sizes.append(leaf.numel() * leaf.element_size())
-
-    hooks = [m.register_forward_hook(record) for m in model.modules()]
-    try:
-        yield sizes
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-_SAME_WIDTH_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _content_stamp(tensors: dict[str, torch.Tensor]) -> tuple[int, ...]:
-    """Per tensor, two wrapping integer sums of its raw bits (all elements; the first half), read back
-    with one transfer per device. Modular integer sums are exact and order-free: a change to one
-    element's bits always changes them, whatever the dtype or magnitude; the same content always gives
-    the same stamp (NaNs and all); no float rounding can hide a small update. Accumulating in the
-    element's own width (int32 for ≤ 4 bytes) keeps the pass as fast as a float32 sum."""
-    per_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors.values():
-        x = t.detach()
-        if x.is_complex():
-            x = torch.view_as_real(x)
-        if x.is_floating_point() or x.dtype == torch.bool:
-            x = x.view(_SAME_WIDTH_INTEGER[x.element_size()])
-        flat = x.reshape(-1)
-        wrap = torch.int64 if flat.element_size() == 8 else torch.int32
-        sums = torch.stack([flat.sum(dtype=wrap), flat[: flat.numel() // 2].sum(dtype=wrap)]).to(torch.int64)
-        per_device.setdefault(x.device, []).append(sums)
-    return tuple(v for parts in per_device.values() for v in torch.cat(parts).tolist())
 
 
 class CurvatureOperator:
@@ -218,7 +174,7 @@ class CurvatureOperator:
         (which reads them once per batch). Not seen: changes whose bit differences cancel in both
         sums, such as swapping two elements within one half of a tensor through ``.data``."""
         tensors = self._tensors()
-        stamp = (tuple((n, t._version, t.data_ptr()) for n, t in tensors.items()), _content_stamp(tensors))
+        stamp = (tuple((n, t._version, t.data_ptr()) for n, t in tensors.items()), content_stamp(tensors))
         if stamp == self._stamp:
             return
         self._stamp = stamp
