@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from func_peer import FUNC_CHUNK, func_per_sample_chunks
+from peak_rss import peak_rss_growth_mib
 
 from unlearn_fast.influence.per_sample import grad_dots
 from unlearn_fast.kernels.cpu_gemm import matmul_nt
@@ -214,25 +215,13 @@ def _run_path(path: str, model, batch, vectors):
     raise ValueError(path)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _peak_rss_main(group: str, path: str) -> None:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, harmless
     torch.set_num_threads(2)
     model, batch, vectors = SETUP_FNS[group]()
     _run_path(path, model, (batch[0][:1], batch[1][:1]), vectors)  # warm-up: lazy inits, thread pools
-    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
-        f.write("5")
-    before = _status_kib("VmRSS")
-    _run_path(path, model, batch, vectors)
-    peak = _status_kib("VmHWM")
-    print(json.dumps({"peak_rss_growth_mib": round((peak - before) / 1024, 1)}))
+    growth = peak_rss_growth_mib(lambda: _run_path(path, model, batch, vectors))
+    print(json.dumps({"peak_rss_growth_mib": None if growth is None else round(growth, 1)}))
 
 
 def record_memory(benchmark, group: str, path: str, model, batch, vectors) -> None:

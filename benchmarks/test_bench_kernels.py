@@ -31,7 +31,9 @@ included; on CUDA ``triton.testing.do_bench`` (median, L2 flushed) is recorded t
 ``ms`` and its ratios use it there (pytest-benchmark's median on CPU). ``extra_info`` holds the device,
 dtype, shapes, analytic flops and minimal bytes (kernel_cases.flops / bytes_moved), TFLOP/s and GB/s,
 and on CUDA the peak memory one call allocates beyond what was allocated before it (output included),
-with the issue's budget for the kernels, O(B·(d_in+d_out) + B·T·K) beyond inputs and output. The
+with the issue's budget for the kernels, O(B·(d_in+d_out) + B·T·K) beyond inputs and output; on the
+CPU the growth of the peak resident set during one call (VmHWM reset through /proc/self/clear_refs;
+glibc told to mmap every allocation over 64 KiB, so freed intermediates leave the resident set). The
 bfloat16 ghost-norm T=512 groups also record the measured bf16 tensor-core peak (an 8192³ matmul)
 and the fraction of it each path reaches. After the run one table is printed; with
 ``KERNEL_BENCH_JSON=path`` it is written there as JSON too. ``KERNEL_BENCH_TF32=1`` lets float32
@@ -53,6 +55,7 @@ import torch
 
 from kernel_cases import (CUDA, OPS, TOLERANCE, Case, bytes_moved, cases, flops, make_inputs, make_path,
                           memory_bound_bytes, opacus_norm_fn, paths_for, reference, rel_error)
+from peak_rss import mmap_large_allocations, peak_rss_growth_mib
 from unlearn_fast import kernels
 
 SUITE = "kernels"
@@ -147,6 +150,7 @@ def _plan(ms: float) -> tuple[int, int]:
 def _setup(request):
     if not CUDA:
         torch.set_num_threads(2)
+        META["mmap_large"] = mmap_large_allocations()
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32 or os.environ.get(TF32_ENV) == "1"
     META.update(device=_device_name(), torch=torch.__version__, tf32=torch.backends.cuda.matmul.allow_tf32)
@@ -191,10 +195,10 @@ def test_kernel(benchmark, case: Case, path: str):
     run()
     warm_ms = (time.perf_counter() - start) * 1e3
 
+    info["peak_mib"] = _peak_mib(fn) if CUDA else (peak_rss_growth_mib(fn) if META.get("mmap_large") else None)
+    if path == "kernels":
+        info["budget_mib"] = memory_bound_bytes(case) / 2**20
     if CUDA:
-        info["peak_mib"] = _peak_mib(fn)
-        if path == "kernels":
-            info["budget_mib"] = memory_bound_bytes(case) / 2**20
         info["do_bench_ms"] = _do_bench_ms(fn)
         rounds, iterations = _plan(info["do_bench_ms"])
     else:
@@ -241,13 +245,13 @@ def _fmt(value, width: int, spec: str) -> str:
 
 def format_table(rows: list[dict]) -> list[str]:
     head = (f"{'case':40s} {'path':8s} {'ms':>9s} {'wall ms':>9s} {'peer ms':>9s} {'ratio':>7s} "
-            f"{'GEMM ms':>9s} {'/GEMM':>6s} {'TFLOP/s':>8s} {'GB/s':>8s} {'peak MiB':>9s}")
+            f"{'GEMM ms':>9s} {'/GEMM':>6s} {'TFLOP/s':>8s} {'GB/s':>8s} {'peak MiB':>9s} {'budget':>7s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['case']:40s} {r['path']:8s} {_fmt(r['ms'], 9, '.3f')} {_fmt(r['wall_ms'], 9, '.3f')} "
                      f"{_fmt(r['peer_ms'], 9, '.3f')} {_fmt(r['ratio'], 7, '.3f')} {_fmt(r['gemm_ms'], 9, '.3f')} "
                      f"{_fmt(r['over_gemm'], 6, '.2f')} {_fmt(r['tflops'], 8, '.3g')} {_fmt(r['gbps'], 8, '.1f')} "
-                     f"{_fmt(r['peak_mib'], 9, '.1f')}")
+                     f"{_fmt(r['peak_mib'], 9, '.1f')} {_fmt(r['budget_mib'], 7, '.2f')}")
     return lines
 
 

@@ -9,11 +9,21 @@ Per layer, on A [B, T, d_in] and G [B, T, d_out] (the per-sample gradient is g_i
   sample that share its A (G [B, R, T, d_out]: the columns of the loss's Hessian root, for the GGN)
 
 A mask [B, T] multiplies G's rows (a masked position contributes nothing). Half inputs are upcast
-and accumulated in float32; other dtypes stay as they are. The dots' [B·T, K, d] products are split
-over K down to one vector: then the product and its elementwise product take 2·B·T·max(d_in, d_out)
-elements, twice the larger of the layer's input and output; built per-sample
-gradients and cross-dot tiles are bounded by MAX_INTERMEDIATE elements (split over samples, rows or
-tiles); the weighted sum's (diag(c)G)ᵀ [K, d_out, B·T] and the ghost norms' [B, T, T] Grams are not.
+and accumulated in float32; other dtypes stay as they are.
+
+Memory: the issue asks for O(B·(d_in + d_out) + B·T) per layer beyond the inputs. The Triton kernels
+keep their products in registers; this path works through chunks instead, so that each intermediate
+(a chunk's A·Wᵀ product, multiplied by G in place, its scaled rows of G, its Gram rows, a
+block of built g_i, and the float32 or masked copies of its rows of A and G) holds at most
+CHUNK_ELEMENTS elements, whatever B and T (a few of them are alive at once): a bound independent of
+the batch, where the whole-batch forms grew as B·T·d. Peak resident-set growth at B = 64, T = 512,
+768→3072 (float32, 480 MiB of inputs), whole-batch → chunked: dots (K = 1) 768 → 24 MiB, with a mask
+1152 → 36, weighted sum 393 → 33, ghost norms 192 → 24, cross dots against 4 samples 384 → 48; at
+B = 8, T = 128 12–24 MiB, at no cost in time (benchmarks/RESULTS.md). That is below materialisation
+(torch.func: 23–102 MiB at B = 8) but above the issue's O(B·(d_in + d_out) + B·T) at these sizes,
+which only a fused kernel reaches. Only the outputs ([B, K], [B], [B1, B2], [K, d_out, d_in]) scale
+with the batch. The multi operations (the factored GGN, whose caller bounds its own cache) split over
+K by MAX_INTERMEDIATE.
 """
 
 from __future__ import annotations
@@ -25,81 +35,111 @@ import torch
 from .checks import accumulate_dtype
 from .cpu_gemm import matmul_nt
 
-# Cap on the elements of an intermediate [B, K, T, d] product; larger work is split.
+# Cap on the elements of an intermediate [B, K, T, d] product of the multi operations, and of callers'
+# chunks (influence.layers, influence.kfac); larger work is split.
 MAX_INTERMEDIATE = 1 << 25
-# On the CPU, built per-sample gradients of a whole batch larger than BUILT_WHOLE_ELEMENTS are made
-# BUILT_TILE_ROWS rows of d_out at a time ([n, 128, d_in] blocks): memory O(B·d_in) instead of
-# O(B·d_in·d_out), and faster, the blocks staying in cache (B=16, T=128, K=4 dots, 2 cores, medians of 9
-# interleaved: 768→3072 109–111 → 68–72 ms, 3072→768 114–116 → 75–85 ms). Below that size whole g_i were
-# as fast or faster (B=32, T=64, 256×256, K=8: 2.1–2.7 ms whole, 2.9–3.7 in 128-row blocks).
-BUILT_WHOLE_ELEMENTS = 1 << 22
+# Cap on each intermediate of the per-layer operations below (16 MiB of float32). Chunks of this size
+# ran as fast as whole batches on the 2-core CPU (768→3072 and 3072→768 dots and weighted sums at
+# B=8, T=128, within 1 %; 4× smaller chunks cost up to 10 %).
+CHUNK_ELEMENTS = 1 << 22
+# Chunks keep at least this many rows (B·T positions) where there are, however many vectors share them,
+# so that their GEMMs stay efficient: K vectors are split instead.
+MIN_CHUNK_ROWS = 256
+# On the CPU, built per-sample gradients whose whole batch would exceed CHUNK_ELEMENTS are made
+# BUILT_TILE_ROWS rows of d_out at a time ([n, 128, d_in] blocks), faster as well as smaller, the blocks
+# staying in cache (B=16, T=128, K=4 dots, 2 cores, medians of 9 interleaved: 768→3072 109–111 → 68–72
+# ms, 3072→768 114–116 → 75–85 ms). Below that size whole g_i were as fast or faster (B=32, T=64,
+# 256×256, K=8: 2.1–2.7 ms whole, 2.9–3.7 in 128-row blocks).
 BUILT_TILE_ROWS = 128
+
+
+def position_chunks(b: int, t: int, per_position: int) -> Iterator[tuple[slice, slice]]:
+    """(samples, positions) chunks covering [B, T] once, each of at most CHUNK_ELEMENTS // per_position
+    positions: whole samples while one fits, else one sample's positions a block at a time."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, per_position))
+    if t <= rows:
+        step = max(1, rows // max(1, t))
+        for s in range(0, b, step):
+            yield slice(s, s + step), slice(None)
+    else:
+        for s in range(b):
+            for p in range(0, t, rows):
+                yield slice(s, s + 1), slice(p, p + rows)
+
+
+def chunk_rows(x: torch.Tensor, samples: slice, positions: slice, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x[samples, positions] [n, p, d] in the accumulation dtype, masked positions zeroed: a copy of
+    the chunk only where the dtype or the mask asks for one."""
+    rows = x[samples, positions].to(accumulate_dtype(x.dtype))
+    if mask is not None:
+        rows = rows * mask[samples, positions].to(rows.dtype).unsqueeze(-1)
+    return rows
 
 
 def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(accumulate_dtype(t.dtype)) for t in tensors]
 
 
-def masked(g: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """G with masked positions zeroed (G itself when there is no mask)."""
-    return g if mask is None else g * mask.to(g.dtype).unsqueeze(-1)
-
-
-def _k_chunks(k: int, per_k: int) -> int:
-    return max(1, min(k, MAX_INTERMEDIATE // max(per_k, 1)))
+def _k_chunks(k: int, per_k: int, cap: int = MAX_INTERMEDIATE) -> int:
+    return max(1, min(k, cap // max(per_k, 1)))
 
 
 def linear_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """⟨G_iᵀA_i, W_k⟩ for A [B, T, d_in], G [B, T, d_out], W [K, d_out, d_in] → [B, K].
 
     Two exact orders, chosen by arithmetic:
-    - factored, Σ_t g_tᵀ W_k a_t: one GEMM [B·T, d] × [d, K·d'] whose [B·T, K, d'] product is then
-      reduced against the other factor (d' = d_out when d_in ≤ d_out), B·T·K·d_in·d_out
-      multiply-adds; best when T = 1 or K = 1;
+    - factored, Σ_t g_tᵀ W_k a_t: per chunk of positions, one GEMM [rows, d] × [d, K·d'] whose
+      [rows, K, d'] product is then reduced against the other factor (d' = d_out when d_in ≤ d_out),
+      B·T·K·d_in·d_out multiply-adds; best when T = 1 or K = 1;
     - per-sample gradients G_iᵀA_i built whole or, for large batches, a block of rows at a time
       (:func:`built_blocks`), each block dotted with the same rows of the K vectors: B·(T + K)·d_in·d_out.
     """
-    a, g = _upcast(a, g)
-    g = masked(g, mask)
-    w = w.to(g.dtype)
+    dtype = accumulate_dtype(a.dtype)
+    w = w.to(dtype)
     b, t, d_out = g.shape
     d_in = a.shape[-1]
     k = w.shape[0]
-    out = torch.empty(b, k, dtype=g.dtype, device=g.device)
+    out = torch.zeros(b, k, dtype=dtype, device=g.device)
     if not built_dots_cheaper(t, k):
-        if d_in <= d_out:  # (A Wᵀ) [B·T, K, d_out] · G
-            step = _k_chunks(k, 2 * b * t * d_out)  # the product and its mul with G
-            for k0 in range(0, k, step):
-                wk = w[k0:k0 + step]
-                av = matmul_nt(a.reshape(b * t, d_in), wk.reshape(-1, d_in)).reshape(b, t, -1, d_out)
-                out[:, k0:k0 + step] = (av * g.unsqueeze(2)).sum((1, 3))  # 7× faster than einsum's bmm here
-        else:  # (G W) [B·T, K, d_in] · A
-            step = _k_chunks(k, 2 * b * t * d_in)
-            for k0 in range(0, k, step):
-                wk = w[k0:k0 + step]
-                gw = matmul_nt(g.reshape(b * t, d_out), wk.transpose(1, 2).reshape(-1, d_out)).reshape(b, t, -1, d_in)
-                out[:, k0:k0 + step] = (gw * a.unsqueeze(2)).sum((1, 3))
+        narrow_in = d_in <= d_out  # (A Wᵀ) [rows, K, d_out] · G, else (G W) [rows, K, d_in] · A
+        wide = d_out if narrow_in else d_in
+        step = _k_chunks(k, wide * min(b * t, MIN_CHUNK_ROWS), CHUNK_ELEMENTS)
+        for k0 in range(0, k, step):
+            wk = w[k0:k0 + step]
+            n = wk.shape[0]
+            w_rows = wk.reshape(-1, d_in) if narrow_in else wk.transpose(1, 2).reshape(-1, d_out)
+            for samples, positions in position_chunks(b, t, n * wide):
+                x, y = chunk_rows(a, samples, positions), chunk_rows(g, samples, positions, mask)
+                if not narrow_in:
+                    x, y = y, x
+                rows = x.shape[0] * x.shape[1]
+                product = matmul_nt(x.reshape(rows, -1), w_rows).reshape(x.shape[0], x.shape[1], n, wide)
+                # in place: one intermediate, not two (mul then sum was 7× faster than einsum's bmm here)
+                out[samples, k0:k0 + n] += product.mul_(y.unsqueeze(2)).sum((1, 3))
         return out
-    out.zero_()
-    for samples, rows, block in built_blocks(a, g):  # a skinny GEMM on the vectors' rows (a view if W is contiguous)
+    for samples, rows, block in built_blocks(a, g, mask):  # a skinny GEMM on the vectors' rows (a view if W is contiguous)
         out[samples] += block.reshape(block.shape[0], -1) @ w[:, rows].reshape(k, -1).T
+        del block  # before the generator builds the next one: one block alive at a time
     return out
 
 
-def built_blocks(a: torch.Tensor, g: torch.Tensor) -> Iterator[tuple[slice, slice, torch.Tensor]]:
-    """(samples, d_out rows, block) covering every per-sample gradient g_i = G_iᵀA_i: block [n, q, d_in]
-    holds rows ``rows`` of the g_i of ``samples``: whole g_i off the CPU (where the torch path serves only
-    float64 and differentiable inputs, and blocks were not timed) or when all B of them take at most
-    BUILT_WHOLE_ELEMENTS, else BUILT_TILE_ROWS rows at a time; at most MAX_INTERMEDIATE elements."""
+def built_blocks(a: torch.Tensor, g: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """(samples, d_out rows, block) covering every per-sample gradient g_i = G_iᵀA_i (masked rows of G
+    zeroed), in the accumulation dtype: block [n, q, d_in] holds rows ``rows`` of the g_i of
+    ``samples``; whole g_i off the CPU (where the torch path serves only float64 and differentiable
+    inputs, and blocks were not timed) or when all B of them take at most CHUNK_ELEMENTS, else
+    BUILT_TILE_ROWS rows at a time; n·q·d_in at most CHUNK_ELEMENTS (one sample's rows at least)."""
     b, _, d_in = a.shape
     d_out = g.shape[2]
-    whole = a.device.type != "cpu" or b * d_out * d_in <= BUILT_WHOLE_ELEMENTS
+    whole = a.device.type != "cpu" or b * d_out * d_in <= CHUNK_ELEMENTS
     height = max(1, d_out if whole else min(d_out, BUILT_TILE_ROWS))
-    step = max(1, MAX_INTERMEDIATE // max(1, height * d_in))
-    g_t = g.transpose(1, 2)
+    step = max(1, CHUNK_ELEMENTS // max(1, height * d_in))
     for s in range(0, b, step):
+        a_s = chunk_rows(a, slice(s, s + step), slice(None))
+        g_t = chunk_rows(g, slice(s, s + step), slice(None), mask).transpose(1, 2)
         for q in range(0, d_out, height):
-            yield slice(s, s + step), slice(q, q + height), torch.bmm(g_t[s:s + step, q:q + height], a[s:s + step])
+            yield slice(s, s + step), slice(q, q + height), torch.bmm(g_t[:, q:q + height], a_s)
 
 
 def built_dots_cheaper(t: int, k: int) -> bool:
@@ -116,70 +156,90 @@ def ghost_norms_cheaper(t: int, d_in: int, d_out: int) -> bool:
 def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """‖G_iᵀA_i‖²_F for A [B, T, d_in], G [B, T, d_out] → [B].
 
-    T = 1: ‖g‖²·‖a‖². Otherwise the ghost form Σ_{t,s} (a_t·a_s)(g_t·g_s) when 2T² < d_in·d_out,
-    else g_i built in blocks of rows (:func:`built_blocks`).
+    T = 1: ‖g‖²·‖a‖² (times the mask squared). Otherwise the ghost form Σ_{t,s} (a_t·a_s)(g_t·g_s)
+    when 2T² < d_in·d_out, a chunk of Gram rows at a time, else g_i built in blocks of rows
+    (:func:`built_blocks`).
     """
-    a, g = _upcast(a, g)
-    g = masked(g, mask)
+    dtype = accumulate_dtype(a.dtype)
     b, t, d_out = g.shape
     d_in = a.shape[-1]
     if t == 1:  # vector_norm: one pass each, 1.3x faster than pow+sum at 64x1024 (float32, 2 cores)
-        return torch.linalg.vector_norm(g, dim=(1, 2)).square() * torch.linalg.vector_norm(a, dim=(1, 2)).square()
+        out = (torch.linalg.vector_norm(g, dim=(1, 2), dtype=dtype).square()
+               * torch.linalg.vector_norm(a, dim=(1, 2), dtype=dtype).square())
+        return out if mask is None else out * mask[:, 0].to(dtype).square()
+    out = torch.zeros(b, dtype=dtype, device=g.device)
     if ghost_norms_cheaper(t, d_in, d_out):
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-    out = torch.zeros(b, dtype=g.dtype, device=g.device)
-    for samples, _, block in built_blocks(a, g):
+        for samples, positions in position_chunks(b, t, 2 * t):  # a chunk's rows of both Grams
+            a_all, g_all = chunk_rows(a, samples, slice(None)), chunk_rows(g, samples, slice(None), mask)
+            a_c, g_c = a_all[:, positions], g_all[:, positions]
+            out[samples] += (torch.bmm(a_c, a_all.transpose(1, 2)) * torch.bmm(g_c, g_all.transpose(1, 2))).sum((1, 2))
+        return out
+    for samples, _, block in built_blocks(a, g, mask):
         out[samples] += block.pow(2).sum((1, 2))
+        del block
     return out
 
 
 def tiles(b1: int, b2: int, per_pair: int) -> Iterator[tuple[slice, slice]]:
-    """(rows of set 1, rows of set 2) tiles whose [n1, n2, per_pair] intermediates stay within MAX_INTERMEDIATE."""
-    step2 = max(1, min(b2, MAX_INTERMEDIATE // max(per_pair, 1)))
-    step1 = max(1, MAX_INTERMEDIATE // max(per_pair * step2, 1))
+    """(rows of set 1, rows of set 2) tiles whose [n1, n2, per_pair] intermediates stay within CHUNK_ELEMENTS."""
+    step2 = max(1, min(b2, CHUNK_ELEMENTS // max(per_pair, 1)))
+    step1 = max(1, CHUNK_ELEMENTS // max(per_pair * step2, 1))
     for s1 in range(0, b1, step1):
         for s2 in range(0, b2, step2):
             yield slice(s1, s1 + step1), slice(s2, s2 + step2)
 
 
 def position_pairs(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
-                   pair: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                   pair: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   mask1: torch.Tensor | None = None, mask2: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_{t,s} pair(a_{i,t}, a_{j,s}) (g_{i,t}·g_{j,s}) → [B1, B2] for G1 [B1, T1, d], G2 [B2, T2, d].
 
     ``pair`` maps rows [n1·T1, ·], [n2·T2, ·] of A to their [n1·T1, n2·T2] pairings (inner products
-    for Linear, id equality for Embedding); tiles bound the pairing matrices (the ghost form).
+    for Linear, id equality for Embedding); tiles bound the pairing matrices (the ghost form). G's rows
+    are upcast and masked a tile at a time; A's are passed to ``pair`` as they are.
     """
     (b1, t1, d), (b2, t2, _) = g1.shape, g2.shape
-    out = torch.empty(b1, b2, dtype=g1.dtype, device=g1.device)
+    out = torch.empty(b1, b2, dtype=accumulate_dtype(g1.dtype), device=g1.device)
     for r1, r2 in tiles(b1, b2, t1 * t2):
         x1, x2 = a1[r1], a2[r2]
         n1, n2 = x1.shape[0], x2.shape[0]
-        gg = matmul_nt(g1[r1].reshape(n1 * t1, d), g2[r2].reshape(n2 * t2, d))
+        y1, y2 = chunk_rows(g1, r1, slice(None), mask1), chunk_rows(g2, r2, slice(None), mask2)
+        gg = matmul_nt(y1.reshape(n1 * t1, d), y2.reshape(n2 * t2, d))
         pairs = pair(x1.reshape(n1 * t1, -1), x2.reshape(n2 * t2, -1))
         out[r1, r2] = (gg * pairs).reshape(n1, t1, n2, t2).sum((1, 3))
     return out
 
 
 def inner_products(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    return matmul_nt(x1, x2)
+    dtype = accumulate_dtype(x1.dtype)
+    return matmul_nt(x1.to(dtype), x2.to(dtype))
 
 
 def linear_cross_dots(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: torch.Tensor,
                       mask1: torch.Tensor | None = None, mask2: torch.Tensor | None = None) -> torch.Tensor:
     """⟨G1_iᵀA1_i, G2_jᵀA2_j⟩ in the ghost form ⟨A1_iA2_jᵀ, G1_iG2_jᵀ⟩ → [B1, B2], tiled."""
-    a1, g1, a2, g2 = _upcast(a1, g1, a2, g2)
-    g1, g2 = masked(g1, mask1), masked(g2, mask2)
-    return position_pairs(a1, g1, a2, g2, inner_products)
+    return position_pairs(a1, g1, a2, g2, inner_products, mask1, mask2)
 
 
 def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_i c_{i,k} G_iᵀA_i = (diag(c_k) G)ᵀ A for C [B, K] → [K, d_out, d_in]."""
-    a, g = _upcast(a, g)
-    g = masked(g, mask)
+    """Σ_i c_{i,k} G_iᵀA_i = (diag(c_k) G)ᵀ A for C [B, K] → [K, d_out, d_in], accumulated over chunks
+    of positions: (diag(c) G)ᵀ [K·d_out, rows] of a chunk times its rows of A."""
+    dtype = accumulate_dtype(a.dtype)
     b, t, d_out = g.shape
+    d_in = a.shape[-1]
     k = c.shape[1]
-    gw = torch.einsum("bk,bto->kobt", c.to(g.dtype), g).reshape(k, d_out, b * t)  # (diag(c) G)ᵀ
-    return gw @ a.reshape(b * t, -1)
+    c = c.to(dtype)
+    out = torch.zeros(k, d_out, d_in, dtype=dtype, device=g.device)
+    step = _k_chunks(k, d_out * min(b * t, MIN_CHUNK_ROWS), CHUNK_ELEMENTS)
+    for k0 in range(0, k, step):
+        n = min(step, k - k0)
+        target = out[k0:k0 + n].view(n * d_out, d_in)
+        for samples, positions in position_chunks(b, t, n * d_out):
+            g_c = chunk_rows(g, samples, positions, mask)
+            rows = g_c.shape[0] * g_c.shape[1]
+            scaled = torch.einsum("bk,bto->kobt", c[samples, k0:k0 + n], g_c).reshape(n * d_out, rows)
+            target.addmm_(scaled, chunk_rows(a, samples, positions).reshape(rows, d_in))
+    return out
 
 
 def linear_multi_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

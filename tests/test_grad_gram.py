@@ -87,8 +87,9 @@ def test_sequence_linear_ghost_and_built_forms(monkeypatch, t, d_in, d_hidden, g
 
 
 def test_tiles_and_chunks_cover_every_pair(monkeypatch):
-    """A tiny MAX_INTERMEDIATE splits every rule's work into one-sample tiles and chunks."""
+    """Tiny caps split every rule's work into one-sample tiles and chunks."""
     monkeypatch.setattr(torch_path, "MAX_INTERMEDIATE", 5)
+    monkeypatch.setattr(torch_path, "CHUNK_ELEMENTS", 5)
     torch.manual_seed(0)
     _check(TextModel(7, 2, 3), (padded_ids(3, 3, 7), _labels(3)), (padded_ids(2, 4, 7), _labels(2)), torch.float64)
     _check(cnn_with_batchnorm(1, 2, 3, 3, 2, 1, 0, 3), (torch.randn(3, 1, 3, 3), _labels(3)),

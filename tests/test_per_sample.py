@@ -77,18 +77,17 @@ def test_sequence_linear_both_forms(t, d_in, d_hidden, k):
 
 
 @pytest.mark.parametrize("t, d_in, d_hidden", [(4, 9, 7), (9, 2, 7)])  # built dots; built norms too
-@pytest.mark.parametrize("tile_rows, max_elements", [(2, 1 << 20), (3, 54)])  # row blocks; and 2-sample chunks
+@pytest.mark.parametrize("tile_rows, max_elements", [(2, 40), (3, 54)])  # row blocks; and 2-sample chunks
 def test_sequence_linear_gradients_built_in_blocks(monkeypatch, t, d_in, d_hidden, tile_rows, max_elements):
     """Per-sample gradients built a few rows (and samples) at a time, with a short last block, still
     cover every row and sample exactly once."""
-    monkeypatch.setattr(torch_path, "BUILT_WHOLE_ELEMENTS", 0)
+    monkeypatch.setattr(torch_path, "CHUNK_ELEMENTS", max_elements)  # below every batch's B·d_out·d_in: blocks
     monkeypatch.setattr(torch_path, "BUILT_TILE_ROWS", tile_rows)
-    monkeypatch.setattr(torch_path, "MAX_INTERMEDIATE", max_elements)
     blocks = []
     real = torch_path.built_blocks
 
-    def counted(a, g):
-        for item in real(a, g):
+    def counted(a, g, mask=None):
+        for item in real(a, g, mask):
             blocks.append(item[1])
             yield item
     monkeypatch.setattr(torch_path, "built_blocks", counted)
