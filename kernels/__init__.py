@@ -21,6 +21,11 @@ torch path runs that operation from then on, with one warning per operation and 
 Results are float32 for half inputs (accumulated in float32) and the input dtype otherwise.
 On the CPU, the torch path's large float32 GEMMs go through :func:`.cpu_gemm.matmul_nt` (oneDNN
 where MKL is slower; ``UNLEARN_FAST_CPU_GEMM=matmul`` turns that off).
+
+Not fused here: the K-FAC factors AᵀA and GᵀG (issue 4 asks for them "where it pays"). They are
+accumulated once per solve (:mod:`unlearn_fast.influence.kfac`; for the default GGN from random output
+cotangents, not the data's labels), while these operations run on every product of an iterative
+solve: fusing would save one read of A and G per solve, and for the GGN no pass here sees that G.
 """
 
 from __future__ import annotations

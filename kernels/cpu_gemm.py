@@ -70,19 +70,20 @@ def matmul_nt(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     m, k = x.shape
     n = y.shape[0]
     if (x.dtype == torch.float32 and y.dtype == torch.float32 and m * k * n >= MIN_MULTIPLY_ADDS
-            and x.is_contiguous() and y.is_contiguous() and not _differentiated(x, y) and onednn_available()):
+            and x.is_contiguous() and y.is_contiguous() and not differentiated(x, y) and onednn_available()):
         return _onednn(x, y)
     return x @ y.T
 
 
-def _differentiated(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether autodiff could see this product: reverse mode (requires_grad), forward mode (a dual level
-    is open) or a torch.func transform (wrapped tensors). The oneDNN op has no derivative formulas, so
-    under forward mode it silently returned a zero tangent (found in review); all of these take matmul."""
-    if x.requires_grad or y.requires_grad:
+def differentiated(*tensors: torch.Tensor) -> bool:
+    """Whether autodiff could see an operation on these tensors: reverse mode (requires_grad), forward
+    mode (a dual level is open) or a torch.func transform (wrapped tensors). The oneDNN op has no
+    derivative formulas, so under forward mode it silently returned a zero tangent (found in review):
+    all of these take matmul; the torch path also avoids in-place accumulation and non-smooth forms."""
+    if any(t.requires_grad for t in tensors):
         return True
     try:
         wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-        return forward_ad._current_level >= 0 or wrapped(x) or wrapped(y)
+        return forward_ad._current_level >= 0 or any(wrapped(t) for t in tensors)
     except AttributeError:  # a torch without these internals: assume the worst
         return True

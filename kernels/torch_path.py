@@ -28,12 +28,13 @@ K by MAX_INTERMEDIATE.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
 
 from .checks import accumulate_dtype
-from .cpu_gemm import matmul_nt
+from .cpu_gemm import differentiated, matmul_nt
 
 # Cap on the elements of an intermediate [B, K, T, d] product of the multi operations, and of callers'
 # chunks (influence.layers, influence.kfac); larger work is split.
@@ -134,7 +135,9 @@ def built_blocks(a: torch.Tensor, g: torch.Tensor,
     d_out = g.shape[2]
     whole = a.device.type != "cpu" or b * d_out * d_in <= CHUNK_ELEMENTS
     height = max(1, d_out if whole else min(d_out, BUILT_TILE_ROWS))
-    step = max(1, CHUNK_ELEMENTS // max(1, height * d_in))
+    t = a.shape[1]
+    # per sample: a block's rows, and its rows of A and G (copied when upcast or masked)
+    step = max(1, CHUNK_ELEMENTS // max(1, height * d_in, t * max(d_in, d_out)))
     for s in range(0, b, step):
         a_s = chunk_rows(a, slice(s, s + step), slice(None))
         g_t = chunk_rows(g, slice(s, s + step), slice(None), mask).transpose(1, 2)
@@ -157,33 +160,74 @@ def linear_sq_norms(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None 
     """‖G_iᵀA_i‖²_F for A [B, T, d_in], G [B, T, d_out] → [B].
 
     T = 1: ‖g‖²·‖a‖² (times the mask squared). Otherwise the ghost form Σ_{t,s} (a_t·a_s)(g_t·g_s)
-    when 2T² < d_in·d_out, a chunk of Gram rows at a time, else g_i built in blocks of rows
-    (:func:`built_blocks`).
+    when 2T² < d_in·d_out, a chunk of samples (or of one sample's position pairs) at a time, else g_i
+    built in blocks of rows (:func:`built_blocks`).
     """
     dtype = accumulate_dtype(a.dtype)
     b, t, d_out = g.shape
     d_in = a.shape[-1]
-    if t == 1:  # vector_norm: one pass each, 1.3x faster than pow+sum at 64x1024 (float32, 2 cores)
-        out = (torch.linalg.vector_norm(g, dim=(1, 2), dtype=dtype).square()
-               * torch.linalg.vector_norm(a, dim=(1, 2), dtype=dtype).square())
+    traced = differentiated(a, g)
+    if t == 1:
+        if traced:  # ‖·‖² by pow+sum: the square of vector_norm has no second derivative at a zero row
+            out = g.to(dtype).pow(2).sum((1, 2)) * a.to(dtype).pow(2).sum((1, 2))
+        else:  # vector_norm: one pass each, 1.3x faster than pow+sum at 64x1024 (float32, 2 cores)
+            out = (torch.linalg.vector_norm(g, dim=(1, 2), dtype=dtype).square()
+                   * torch.linalg.vector_norm(a, dim=(1, 2), dtype=dtype).square())
         return out if mask is None else out * mask[:, 0].to(dtype).square()
+    if ghost_norms_cheaper(t, d_in, d_out) and b:
+        return per_sample_sums(list(_ghost_norm_parts(a, g, mask)))
     out = torch.zeros(b, dtype=dtype, device=g.device)
-    if ghost_norms_cheaper(t, d_in, d_out):
-        for samples, positions in position_chunks(b, t, 2 * t):  # a chunk's rows of both Grams
-            a_all, g_all = chunk_rows(a, samples, slice(None)), chunk_rows(g, samples, slice(None), mask)
-            a_c, g_c = a_all[:, positions], g_all[:, positions]
-            out[samples] += (torch.bmm(a_c, a_all.transpose(1, 2)) * torch.bmm(g_c, g_all.transpose(1, 2))).sum((1, 2))
-        return out
     for samples, _, block in built_blocks(a, g, mask):
         out[samples] += block.pow(2).sum((1, 2))
         del block
     return out
 
 
-def tiles(b1: int, b2: int, per_pair: int) -> Iterator[tuple[slice, slice]]:
-    """(rows of set 1, rows of set 2) tiles whose [n1, n2, per_pair] intermediates stay within CHUNK_ELEMENTS."""
-    step2 = max(1, min(b2, CHUNK_ELEMENTS // max(per_pair, 1)))
-    step1 = max(1, CHUNK_ELEMENTS // max(per_pair * step2, 1))
+def _ghost_norm_parts(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(samples, Σ_{t,s} (a_t·a_s)(g_t·g_s) over a part of their position pairs). Whole samples while one
+    sample's Grams [T, T] and rows of A and G fit in CHUNK_ELEMENTS; past that, one sample in blocks of
+    r positions, every pair of blocks in turn ([r, r] Grams, [r, d] rows), so no intermediate grows with T."""
+    b, t, _ = a.shape
+    d = max(a.shape[2], g.shape[2])
+    per_sample = t * max(2 * t, d)
+    if per_sample <= CHUNK_ELEMENTS:
+        step = CHUNK_ELEMENTS // per_sample
+        for s in range(0, b, step):
+            samples = slice(s, s + step)
+            a_c, g_c = chunk_rows(a, samples, slice(None)), chunk_rows(g, samples, slice(None), mask)
+            yield samples, (torch.bmm(a_c, a_c.transpose(1, 2)) * torch.bmm(g_c, g_c.transpose(1, 2))).sum((1, 2))
+        return
+    r = max(1, min(math.isqrt(CHUNK_ELEMENTS // 2), CHUNK_ELEMENTS // d))
+    for s in range(b):
+        sample = slice(s, s + 1)
+        for p in range(0, t, r):
+            a_p, g_p = chunk_rows(a, sample, slice(p, p + r)), chunk_rows(g, sample, slice(p, p + r), mask)
+            for q in range(0, t, r):
+                a_q, g_q = ((a_p, g_p) if q == p else
+                            (chunk_rows(a, sample, slice(q, q + r)), chunk_rows(g, sample, slice(q, q + r), mask)))
+                yield sample, (torch.bmm(a_p, a_q.transpose(1, 2)) * torch.bmm(g_p, g_q.transpose(1, 2))).sum((1, 2))
+
+
+def per_sample_sums(parts: list[tuple[slice, torch.Tensor]]) -> torch.Tensor:
+    """[B] from per-chunk sums in sample order: consecutive parts over the same samples (one sample's
+    position blocks) added, then concatenated. Out of place, so that torch.func
+    transforms (vmap) and autograd see ordinary ops."""
+    merged: list[torch.Tensor] = []
+    last = None
+    for samples, value in parts:
+        if samples == last:
+            merged[-1] = merged[-1] + value
+        else:
+            merged.append(value)
+            last = samples
+    return torch.cat(merged)
+
+
+def tiles(b1: int, b2: int, per_pair: int, per_row1: int = 0, per_row2: int = 0) -> Iterator[tuple[slice, slice]]:
+    """(rows of set 1, rows of set 2) tiles whose [n1, n2, per_pair] intermediates, and the [n1, per_row1]
+    and [n2, per_row2] copies of their samples' rows, stay within CHUNK_ELEMENTS."""
+    step2 = max(1, min(b2, CHUNK_ELEMENTS // max(per_pair, per_row2, 1)))
+    step1 = max(1, CHUNK_ELEMENTS // max(per_pair * step2, per_row1, 1))
     for s1 in range(0, b1, step1):
         for s2 in range(0, b2, step2):
             yield slice(s1, s1 + step1), slice(s2, s2 + step2)
@@ -200,7 +244,8 @@ def position_pairs(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: tor
     """
     (b1, t1, d), (b2, t2, _) = g1.shape, g2.shape
     out = torch.empty(b1, b2, dtype=accumulate_dtype(g1.dtype), device=g1.device)
-    for r1, r2 in tiles(b1, b2, t1 * t2):
+    width1, width2 = math.prod(a1.shape[2:]), math.prod(a2.shape[2:])  # A's per position (1 for ids)
+    for r1, r2 in tiles(b1, b2, t1 * t2, t1 * (d + width1), t2 * (d + width2)):
         x1, x2 = a1[r1], a2[r2]
         n1, n2 = x1.shape[0], x2.shape[0]
         y1, y2 = chunk_rows(g1, r1, slice(None), mask1), chunk_rows(g2, r2, slice(None), mask2)
@@ -229,17 +274,20 @@ def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask:
     d_in = a.shape[-1]
     k = c.shape[1]
     c = c.to(dtype)
-    out = torch.zeros(k, d_out, d_in, dtype=dtype, device=g.device)
+    traced = differentiated(a, g, c)  # torch.func cannot batch an in-place addmm_: out of place then
+    parts = []
     step = _k_chunks(k, d_out * min(b * t, MIN_CHUNK_ROWS), CHUNK_ELEMENTS)
     for k0 in range(0, k, step):
         n = min(step, k - k0)
-        target = out[k0:k0 + n].view(n * d_out, d_in)
-        for samples, positions in position_chunks(b, t, n * d_out):
+        acc = torch.zeros(n * d_out, d_in, dtype=dtype, device=g.device)
+        for samples, positions in position_chunks(b, t, max(n * d_out, d_in)):
             g_c = chunk_rows(g, samples, positions, mask)
             rows = g_c.shape[0] * g_c.shape[1]
             scaled = torch.einsum("bk,bto->kobt", c[samples, k0:k0 + n], g_c).reshape(n * d_out, rows)
-            target.addmm_(scaled, chunk_rows(a, samples, positions).reshape(rows, d_in))
-    return out
+            a_c = chunk_rows(a, samples, positions).reshape(rows, d_in)
+            acc = torch.addmm(acc, scaled, a_c) if traced else acc.addmm_(scaled, a_c)
+        parts.append(acc.view(n, d_out, d_in))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def linear_multi_dots(a: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

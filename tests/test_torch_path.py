@@ -140,3 +140,80 @@ def test_differentiable_through_every_order(monkeypatch, t, k, d_in, d_out):
     for fn, inputs in checks:
         assert torch.autograd.gradcheck(fn, inputs)
         assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_second_derivatives_at_a_zero_row():
+    """T = 1 norms under autodiff avoid vector_norm, whose square has no second derivative at 0 (found in
+    review: NaN on the Hessian's diagonal where a sample's G row is zero)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 1, 3, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 1, 4, generator=gen, dtype=torch.float64)
+    g[0] = 0
+    hessian = torch.autograd.functional.hessian(lambda g: torch_path.linear_sq_norms(a, g).sum(), g)
+    diagonal = hessian[0, 0, :, 0, 0, :].diagonal()
+    torch.testing.assert_close(diagonal, torch.full_like(diagonal, 2 * a[0].pow(2).sum().item()))
+
+
+@pytest.mark.parametrize("t", [1, 3])  # row norms; ghost norms (2T² < d_in·d_out), in chunks
+def test_vmap_over_the_accumulating_operations(monkeypatch, t):
+    """torch.func.vmap over the weighted sum and the norms matches a loop (found in review: in-place
+    accumulation broke vmap, which the whole-batch forms supported)."""
+    monkeypatch.setattr(torch_path, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(torch_path, "MIN_CHUNK_ROWS", 1)
+    gen = torch.Generator().manual_seed(t)
+    a, g = torch.randn(4, 5, t, 6, generator=gen), torch.randn(4, 5, t, 7, generator=gen)
+    c = torch.randn(5, 2, generator=gen)
+    for fn in (lambda a, g: torch_path.linear_weighted_sum(a, g, c), torch_path.linear_sq_norms):
+        batched = torch.func.vmap(fn)(a, g)
+        torch.testing.assert_close(batched, torch.stack([fn(x, y) for x, y in zip(a, g)]))
+
+
+class _LargestIntermediate(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of the largest new tensor any op returns while active (views of an
+    argument, which allocate nothing, are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {x.untyped_storage().data_ptr() for x in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(x, torch.Tensor)}
+        for x in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype, mask_kind", [(torch.float32, "none"), (torch.bfloat16, "float")])
+@pytest.mark.parametrize("op", ["dots_factored", "dots_built", "ghost_norms", "built_norms", "cross", "weighted_sum"])
+def test_intermediates_do_not_grow_with_the_batch(monkeypatch, op, dtype, mask_kind):
+    """With a fixed cap, no intermediate (outputs aside) exceeds it, for a small batch, a 16× larger B
+    and (where the operation bounds it: factored dots, ghost norms, weighted sum) a 16× longer T. Half
+    and masked inputs are copied a chunk at a time (found in review: whole-sample copies grew with B).
+    Built g_i and cross dots take at least one sample's rows (T·d) or one pair's [T1, T2] at a time."""
+    # ghost norms need 2T² < d_in·d_out at T = 128, so wider layers there, and a cap that fits a few rows
+    cap, (d_in, d_out) = {"ghost_norms": (4096, (200, 200)), "dots_built": (256, (3, 4)),
+                          "built_norms": (256, (3, 4))}.get(op, (256, (6, 7)))
+    monkeypatch.setattr(torch_path, "CHUNK_ELEMENTS", cap)
+    monkeypatch.setattr(torch_path, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(torch_path, "BUILT_TILE_ROWS", 2)
+    calls = {
+        "dots_factored": lambda a, g, v, c, m: torch_path.linear_dots(a, g, v[:1], m),
+        "dots_built": lambda a, g, v, c, m: torch_path.linear_dots(a, g, v, m),
+        "ghost_norms": lambda a, g, v, c, m: torch_path.linear_sq_norms(a, g, m),
+        "built_norms": lambda a, g, v, c, m: torch_path.linear_sq_norms(a, g, m),
+        "cross": lambda a, g, v, c, m: torch_path.linear_cross_dots(a, g, a[:1], g[:1], m, None if m is None else m[:1]),
+        "weighted_sum": lambda a, g, v, c, m: torch_path.linear_weighted_sum(a, g, c, m),
+    }
+    sizes = [(4, 8), (64, 8)] + ([(4, 128)] if op in ("dots_factored", "ghost_norms", "weighted_sum") else [])
+    for b, t in sizes:
+        if op == "built_norms":
+            t = 3  # 2T² ≥ d_in·d_out = 12: built g_i
+        assert torch_path.ghost_norms_cheaper(t, d_in, d_out) == (op == "ghost_norms") or "norms" not in op
+        a, g, v, c, mask = make(b, t, d_in, d_out, 2, dtype, mask_kind, 0)
+        with _LargestIntermediate() as spy:
+            out = calls[op](a, g, v, c, mask)
+        if spy.largest > out.numel():  # the output itself scales with B, and is allowed to
+            assert spy.largest <= cap, (b, t, spy.largest)
