@@ -77,6 +77,12 @@ def chunk_rows(x: torch.Tensor, samples: slice, positions: slice, mask: torch.Te
     return rows
 
 
+def copied_width(x: torch.Tensor, mask: torch.Tensor | None = None) -> int:
+    """Elements per position that :func:`chunk_rows` copies of x: its width when it upcasts or masks,
+    else 0 (the rows are then views, and no chunk budget need count them)."""
+    return x.shape[-1] if mask is not None or accumulate_dtype(x.dtype) != x.dtype else 0
+
+
 def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(accumulate_dtype(t.dtype)) for t in tensors]
 
@@ -137,7 +143,7 @@ def built_blocks(a: torch.Tensor, g: torch.Tensor,
     height = max(1, d_out if whole else min(d_out, BUILT_TILE_ROWS))
     t = a.shape[1]
     # per sample: a block's rows, and its rows of A and G (copied when upcast or masked)
-    step = max(1, CHUNK_ELEMENTS // max(1, height * d_in, t * max(d_in, d_out)))
+    step = max(1, CHUNK_ELEMENTS // max(1, height * d_in, t * copied_width(a), t * copied_width(g, mask)))
     for s in range(0, b, step):
         a_s = chunk_rows(a, slice(s, s + step), slice(None))
         g_t = chunk_rows(g, slice(s, s + step), slice(None), mask).transpose(1, 2)
@@ -189,7 +195,7 @@ def _ghost_norm_parts(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | Non
     r positions, every pair of blocks in turn ([r, r] Grams, [r, d] rows), so no intermediate grows with T."""
     b, t, _ = a.shape
     d = max(a.shape[2], g.shape[2])
-    per_sample = t * max(2 * t, d)
+    per_sample = t * max(2 * t, copied_width(a), copied_width(g, mask))
     if per_sample <= CHUNK_ELEMENTS:
         step = CHUNK_ELEMENTS // per_sample
         for s in range(0, b, step):
@@ -244,8 +250,10 @@ def position_pairs(a1: torch.Tensor, g1: torch.Tensor, a2: torch.Tensor, g2: tor
     """
     (b1, t1, d), (b2, t2, _) = g1.shape, g2.shape
     out = torch.empty(b1, b2, dtype=accumulate_dtype(g1.dtype), device=g1.device)
-    width1, width2 = math.prod(a1.shape[2:]), math.prod(a2.shape[2:])  # A's per position (1 for ids)
-    for r1, r2 in tiles(b1, b2, t1 * t2, t1 * (d + width1), t2 * (d + width2)):
+    # per sample: A's rows (1 wide for ids; copied by ``pair`` when upcast) and G's when copied
+    row1 = t1 * (math.prod(a1.shape[2:]) + copied_width(g1, mask1))
+    row2 = t2 * (math.prod(a2.shape[2:]) + copied_width(g2, mask2))
+    for r1, r2 in tiles(b1, b2, t1 * t2, row1, row2):
         x1, x2 = a1[r1], a2[r2]
         n1, n2 = x1.shape[0], x2.shape[0]
         y1, y2 = chunk_rows(g1, r1, slice(None), mask1), chunk_rows(g2, r2, slice(None), mask2)
@@ -280,7 +288,7 @@ def linear_weighted_sum(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor, mask:
     for k0 in range(0, k, step):
         n = min(step, k - k0)
         acc = torch.zeros(n * d_out, d_in, dtype=dtype, device=g.device)
-        for samples, positions in position_chunks(b, t, max(n * d_out, d_in)):
+        for samples, positions in position_chunks(b, t, max(n * d_out, copied_width(a))):
             g_c = chunk_rows(g, samples, positions, mask)
             rows = g_c.shape[0] * g_c.shape[1]
             scaled = torch.einsum("bk,bto->kobt", c[samples, k0:k0 + n], g_c).reshape(n * d_out, rows)
