@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from func_peer import FUNC_CHUNK, func_per_sample_chunks
-from peak_rss import peak_rss_growth_mib
+from peak_rss import mmap_large_allocations, peak_rss_growth_mib
 
 from unlearn_fast.influence.per_sample import grad_dots
 from unlearn_fast.kernels.cpu_gemm import matmul_nt
@@ -220,6 +220,7 @@ def _peak_rss_main(group: str, path: str) -> None:
     torch.set_num_threads(2)
     model, batch, vectors = SETUP_FNS[group]()
     _run_path(path, model, (batch[0][:1], batch[1][:1]), vectors)  # warm-up: lazy inits, thread pools
+    mmap_large_allocations()  # freed intermediates leave the resident set (this child is not timed)
     growth = peak_rss_growth_mib(lambda: _run_path(path, model, batch, vectors))
     print(json.dumps({"peak_rss_growth_mib": None if growth is None else round(growth, 1)}))
 

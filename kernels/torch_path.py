@@ -13,17 +13,17 @@ and accumulated in float32; other dtypes stay as they are.
 
 Memory: the issue asks for O(B·(d_in + d_out) + B·T) per layer beyond the inputs. The Triton kernels
 keep their products in registers; this path works through chunks instead, so that each intermediate
-(a chunk's A·Wᵀ product, multiplied by G in place, its scaled rows of G, its Gram rows, a
-block of built g_i, and the float32 or masked copies of its rows of A and G) holds at most
-CHUNK_ELEMENTS elements, whatever B and T (a few of them are alive at once): a bound independent of
-the batch, where the whole-batch forms grew as B·T·d. Peak resident-set growth at B = 64, T = 512,
-768→3072 (float32, 480 MiB of inputs), whole-batch → chunked: dots (K = 1) 768 → 24 MiB, with a mask
-1152 → 36, weighted sum 393 → 33, ghost norms 192 → 24, cross dots against 4 samples 384 → 48; at
-B = 8, T = 128 12–24 MiB, at no cost in time (benchmarks/RESULTS.md). That is below materialisation
-(torch.func: 23–102 MiB at B = 8) but above the issue's O(B·(d_in + d_out) + B·T) at these sizes,
-which only a fused kernel reaches. Only the outputs ([B, K], [B], [B1, B2], [K, d_out, d_in]) scale
-with the batch. The multi operations (the factored GGN, whose caller bounds its own cache) split over
-K by MAX_INTERMEDIATE.
+(a chunk's A·Wᵀ product, multiplied by G in place, its scaled rows of G, its Gram rows, a block of
+built g_i, and the float32 or masked copies of its rows of A and G) holds at most CHUNK_ELEMENTS
+elements whatever B (a few of them are alive at once), and whatever T for the factored dots, the ghost
+norms and the weighted sum; built g_i and cross dots take at least one sample's rows (T·d, when copied)
+or one pair's [T1, T2] Gram at a time. Peak resident-set growth at B = 64, T = 512, 768→3072 (float32,
+480 MiB of inputs), whole-batch → chunked: dots (K = 1) 768 → 24 MiB, with a mask 1152 → 36, weighted
+sum 393 → 33, ghost norms 192 → 24, cross dots against 4 samples 384 → 31; at B = 8, T = 128 1–21
+MiB, at no cost in time (benchmarks/RESULTS.md). That is below materialisation (torch.func: 23–102
+MiB at B = 8) but above the issue's budget at these sizes, which only a fused kernel reaches. Only the
+outputs ([B, K], [B], [B1, B2], [K, d_out, d_in]) scale with the batch. The multi operations (the
+factored GGN, whose caller bounds its own cache) split over K by MAX_INTERMEDIATE.
 """
 
 from __future__ import annotations
