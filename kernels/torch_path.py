@@ -15,9 +15,8 @@ Memory: the issue asks for O(B·(d_in + d_out) + B·T) per layer beyond the inpu
 keep their products in registers; this path works through chunks instead, so that each intermediate
 (a chunk's A·Wᵀ product, multiplied by G in place, its scaled rows of G, its Gram rows, a block of
 built g_i, and the float32 or masked copies of its rows of A and G) holds at most CHUNK_ELEMENTS
-elements whatever B (a few of them are alive at once), and whatever T for the factored dots, the ghost
-norms and the weighted sum; built g_i and cross dots take at least one sample's rows (T·d, when copied)
-or one pair's [T1, T2] Gram at a time. Peak resident-set growth at B = 64, T = 512, 768→3072 (float32,
+elements whatever B and T (a few of them are alive at once), but for cross dots, which take at least
+one pair's [T1, T2] Gram at a time. Peak resident-set growth at B = 64, T = 512, 768→3072 (float32,
 480 MiB of inputs), whole-batch → chunked: dots (K = 1) 768 → 24 MiB, with a mask 1152 → 36, weighted
 sum 393 → 33, ghost norms 192 → 24, cross dots against 4 samples 384 → 31; at B = 8, T = 128 1–21
 MiB, at no cost in time (benchmarks/RESULTS.md). That is below materialisation (torch.func: 23–102
@@ -136,19 +135,27 @@ def built_blocks(a: torch.Tensor, g: torch.Tensor,
     zeroed), in the accumulation dtype: block [n, q, d_in] holds rows ``rows`` of the g_i of
     ``samples``; whole g_i off the CPU (where the torch path serves only float64 and differentiable
     inputs, and blocks were not timed) or when all B of them take at most CHUNK_ELEMENTS, else
-    BUILT_TILE_ROWS rows at a time; n·q·d_in at most CHUNK_ELEMENTS (one sample's rows at least)."""
-    b, _, d_in = a.shape
+    BUILT_TILE_ROWS rows at a time; n·q·d_in at most CHUNK_ELEMENTS (one sample's q rows at least).
+    Rows of A and G that must be copied (upcast or masked) are copied a span of positions at a time,
+    at most CHUNK_ELEMENTS of them, and the block summed over the spans."""
+    b, t, d_in = a.shape
     d_out = g.shape[2]
     whole = a.device.type != "cpu" or b * d_out * d_in <= CHUNK_ELEMENTS
     height = max(1, d_out if whole else min(d_out, BUILT_TILE_ROWS))
-    t = a.shape[1]
-    # per sample: a block's rows, and its rows of A and G (copied when upcast or masked)
-    step = max(1, CHUNK_ELEMENTS // max(1, height * d_in, t * copied_width(a), t * copied_width(g, mask)))
+    step = max(1, CHUNK_ELEMENTS // max(1, height * d_in))
+    copied = copied_width(a) + min(height, copied_width(g, mask))  # per position of one sample
+    span = t if not copied else max(1, CHUNK_ELEMENTS // (min(step, b) * copied))
     for s in range(0, b, step):
-        a_s = chunk_rows(a, slice(s, s + step), slice(None))
-        g_t = chunk_rows(g, slice(s, s + step), slice(None), mask).transpose(1, 2)
+        samples = slice(s, s + step)
         for q in range(0, d_out, height):
-            yield slice(s, s + step), slice(q, q + height), torch.bmm(g_t[:, q:q + height], a_s)
+            g_q = g[:, :, q:q + height]
+            block = None
+            for p in range(0, t, span):
+                positions = slice(p, p + span) if span < t else slice(None)
+                part = torch.bmm(chunk_rows(g_q, samples, positions, mask).transpose(1, 2),
+                                 chunk_rows(a, samples, positions))
+                block = part if block is None else block + part
+            yield samples, slice(q, q + height), block
 
 
 def built_dots_cheaper(t: int, k: int) -> bool:
