@@ -201,8 +201,8 @@ def _ghost_norm_parts(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | Non
     sample's Grams [T, T] and rows of A and G fit in CHUNK_ELEMENTS; past that, one sample in blocks of
     r positions, every pair of blocks in turn ([r, r] Grams, [r, d] rows), so no intermediate grows with T."""
     b, t, _ = a.shape
-    d = max(a.shape[2], g.shape[2])
-    per_sample = t * max(2 * t, copied_width(a), copied_width(g, mask))
+    copied = max(copied_width(a), copied_width(g, mask))  # per position, when rows are copied
+    per_sample = t * max(2 * t, copied)
     if per_sample <= CHUNK_ELEMENTS:
         step = CHUNK_ELEMENTS // per_sample
         for s in range(0, b, step):
@@ -210,7 +210,7 @@ def _ghost_norm_parts(a: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | Non
             a_c, g_c = chunk_rows(a, samples, slice(None)), chunk_rows(g, samples, slice(None), mask)
             yield samples, (torch.bmm(a_c, a_c.transpose(1, 2)) * torch.bmm(g_c, g_c.transpose(1, 2))).sum((1, 2))
         return
-    r = max(1, min(math.isqrt(CHUNK_ELEMENTS // 2), CHUNK_ELEMENTS // d))
+    r = max(1, min(math.isqrt(CHUNK_ELEMENTS // 2), CHUNK_ELEMENTS // max(1, copied)))
     for s in range(b):
         sample = slice(s, s + 1)
         for p in range(0, t, r):

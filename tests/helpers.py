@@ -166,3 +166,19 @@ def forget_report(task, model: nn.Module) -> dict[str, dict[str, float]]:
                      "similar_loss": float(similar.loss.mean()), "similar_acc": float(similar.correct.mean()),
                      "test_acc": float(ev.outputs("test").correct.mean())}
     return out
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖_F / ‖want‖_F in float64; got must have want's shape and be finite."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert torch.isfinite(got).all(), "a kernel produced non-finite values from finite inputs"
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+def layer_factors(b: int, t: int, d_in: int, d_out: int, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random A [B, T, d_in] and G [B, T, d_out] of one layer, rounded to ``dtype``, on ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(b, t, d_in, generator=gen).to(dtype)
+    g = torch.randn(b, t, d_out, generator=gen).to(dtype)
+    return a.to(device), g.to(device)

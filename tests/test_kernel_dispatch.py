@@ -18,6 +18,7 @@ import torch
 
 import unlearn_fast as uf
 import unlearn_fast.kernels as kernels
+from helpers import layer_factors, rel_error
 from unlearn_fast.influence import fisher_vp, grad_dots, grad_norms
 from unlearn_fast.influence.vectors import trainable
 from unlearn_fast.kernels import torch_path
@@ -41,14 +42,7 @@ def _fresh_dispatch_state(monkeypatch):
 
 
 def factors(b, t, d_in, d_out, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, t, d_in, generator=gen).to(dtype).to(DEVICE),
-            torch.randn(b, t, d_out, generator=gen).to(dtype).to(DEVICE))
-
-
-def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+    return layer_factors(b, t, d_in, d_out, dtype, seed, DEVICE)
 
 
 def test_dispatch_validates_inputs():

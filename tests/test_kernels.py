@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import unlearn_fast.kernels as kernels
+from helpers import layer_factors, rel_error
 from unlearn_fast.kernels import torch_path
 
 triton = pytest.importorskip("triton", reason="the Triton kernel tests need the triton package")
@@ -46,17 +47,8 @@ def _no_silent_fallback(monkeypatch):
         yield
 
 
-def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert torch.isfinite(got).all(), "a kernel produced non-finite values from finite inputs"
-    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
-
-
 def factors(b, t, d_in, d_out, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(b, t, d_in, generator=gen).to(dtype)
-    g = torch.randn(b, t, d_out, generator=gen).to(dtype)
-    return a.to(DEVICE), g.to(DEVICE)
+    return layer_factors(b, t, d_in, d_out, dtype, seed, DEVICE)
 
 
 def make_mask(kind, b, t, seed):

@@ -15,6 +15,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from helpers import rel_error
 from unlearn_fast.kernels import torch_path
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
@@ -25,10 +26,6 @@ def reference_gradients(a, g, mask):
     """g_i [B, d_out, d_in] in float64, masked positions left out."""
     g = g.double() if mask is None else g.double() * mask.double().unsqueeze(-1)
     return torch.einsum("bto,bti->boi", g, a.double())
-
-
-def rel_error(got, want):
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def make(b, t, d_in, d_out, k, dtype, mask_kind, seed):
