@@ -10,6 +10,9 @@ Freed memory must leave the resident set for the next measurement to count its o
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -48,3 +51,13 @@ def peak_rss_growth_mib(fn: Callable[[], object]) -> float | None:
         return None
     del out
     return (peak - before) / 1024
+
+
+def child_json(script: str, *args: str, timeout: float = 900) -> tuple[dict | None, list[str]]:
+    """Run ``python script *args`` (a benchmark file's memory mode, in a fresh process whose allocator
+    nothing else has touched) → (the JSON object on its last stdout line, []), or (None, its last
+    stderr line) when it failed."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return None, proc.stderr.strip().splitlines()[-1:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), []

@@ -31,7 +31,6 @@ what (a) measures).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import warnings
 
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from func_peer import FUNC_CHUNK, func_per_sample_chunks
-from peak_rss import mmap_large_allocations, peak_rss_growth_mib
+from peak_rss import child_json, mmap_large_allocations, peak_rss_growth_mib
 
 from unlearn_fast.influence.per_sample import grad_dots
 from unlearn_fast.kernels.cpu_gemm import matmul_nt
@@ -227,12 +226,12 @@ def _peak_rss_main(group: str, path: str) -> None:
 
 def record_memory(benchmark, group: str, path: str, model, batch, vectors) -> None:
     benchmark.extra_info["largest_intermediate_elements"] = largest_intermediate(path, model, batch, next(iter(vectors.values())).shape[0])
-    proc = subprocess.run([sys.executable, __file__, group, path], capture_output=True, text=True, timeout=600)
-    if proc.returncode == 0:
-        benchmark.extra_info.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    measured, error = child_json(__file__, group, path, timeout=600)
+    if measured is not None:
+        benchmark.extra_info.update(measured)
     else:
         benchmark.extra_info["peak_rss_growth_mib"] = None
-        benchmark.extra_info["peak_rss_error"] = proc.stderr.strip().splitlines()[-1:]
+        benchmark.extra_info["peak_rss_error"] = error
 
 
 def _assert_matches(result: torch.Tensor, reference: torch.Tensor) -> None:

@@ -48,8 +48,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from collections import defaultdict
 
@@ -58,7 +56,7 @@ import torch
 
 from kernel_cases import (CUDA, OPS, TOLERANCE, Case, bytes_moved, cases, flops, make_inputs, make_path,
                           memory_bound_bytes, opacus_norm_fn, paths_for, reference, rel_error)
-from peak_rss import mmap_large_allocations, peak_rss_growth_mib
+from peak_rss import child_json, mmap_large_allocations, peak_rss_growth_mib
 from unlearn_fast import kernels
 
 SUITE = "kernels"
@@ -129,11 +127,10 @@ def _cpu_peaks() -> dict[str, float | None]:
     """Peak resident-set growth of one call of every CPU case and path, measured in a child process
     (this file run as a script): there glibc is told to mmap large allocations, so that freed ones leave
     the resident set, a setting that would slow the timed calls here (found in review: 20–50 %)."""
-    proc = subprocess.run([sys.executable, __file__, "--cpu-peaks"], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        META["cpu_peaks_error"] = proc.stderr.strip().splitlines()[-1:]
-        return {}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    peaks, error = child_json(__file__, "--cpu-peaks")
+    if peaks is None:
+        META["cpu_peaks_error"] = error
+    return peaks or {}
 
 
 def _cpu_peaks_main() -> None:
