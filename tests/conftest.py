@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("UNLEARN_FAST_TRITON_AUTOTUNE", "0")
 
 import unlearn_fast as uf
-from helpers import fit_logistic_to_optimum
+from helpers import logistic_problem, retrained_logistic
 
 torch.set_num_threads(2)
 
@@ -48,18 +48,9 @@ def breast_cancer_logistic():
     Returns (model at the optimum, TensorDataset, 25 forget ids, model retrained to the optimum
     without them), all float64.
     """
-    from sklearn.datasets import load_breast_cancer
-
-    bunch = load_breast_cancer()
-    x = torch.tensor((bunch.data - bunch.data.mean(0)) / bunch.data.std(0), dtype=torch.float64)
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    torch.manual_seed(0)
-    model = fit_logistic_to_optimum(torch.nn.Linear(30, 2).double(), x, y)
-    forget = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:25].tolist()
-    keep = torch.tensor([i for i in range(len(x)) if i not in set(forget)])
-    torch.manual_seed(0)
-    retrained = fit_logistic_to_optimum(torch.nn.Linear(30, 2).double(), x[keep], y[keep])
-    return model, torch.utils.data.TensorDataset(x, y), forget, retrained
+    model, data = logistic_problem("breast_cancer")
+    forget = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:25].tolist()
+    return model, data, forget, retrained_logistic(data, forget)
 
 
 @pytest.fixture(scope="session")

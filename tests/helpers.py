@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +31,29 @@ def assert_cg_done_in_one_step(op, b: torch.Tensor, preconditioner: str, options
 
 
 LOGISTIC_LAMBDA = 1e-2
+
+
+def logistic_problem(name: str) -> tuple[torch.nn.Module, torch.utils.data.TensorDataset]:
+    """(L2-regularised logistic regression fitted to its optimum, its TensorDataset), float64, on
+    scikit-learn's ``"breast_cancer"`` (569 × 30, 2 classes) or ``"digits"`` (1,797 × 64, 10 classes),
+    features standardised (constant ones left at 0)."""
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    bunch = {"breast_cancer": load_breast_cancer, "digits": load_digits}[name]()
+    spread = bunch.data.std(0)
+    x = torch.tensor((bunch.data - bunch.data.mean(0)) / np.where(spread > 0, spread, 1.0), dtype=torch.float64)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    torch.manual_seed(0)
+    model = fit_logistic_to_optimum(torch.nn.Linear(x.shape[1], int(y.max()) + 1).double(), x, y)
+    return model, torch.utils.data.TensorDataset(x, y)
+
+
+def retrained_logistic(data: torch.utils.data.TensorDataset, forget: list[int]) -> torch.nn.Module:
+    """The logistic regression of :func:`logistic_problem` fitted to its optimum without ``forget``."""
+    x, y = data.tensors
+    keep = torch.tensor(sorted(set(range(len(x))) - set(forget)))
+    torch.manual_seed(0)
+    return fit_logistic_to_optimum(torch.nn.Linear(x.shape[1], int(y.max()) + 1).double(), x[keep], y[keep])
 
 
 def fit_logistic_to_optimum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.nn.Module:

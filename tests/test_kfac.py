@@ -25,7 +25,7 @@ from unlearn_fast.influence.solvers import (
     solve,
     solve_operator,
 )
-from unlearn_fast.influence.unlearn import influence_unlearn
+from unlearn_fast import influence_unlearn
 from unlearn_fast.influence.vectors import as_dict, as_flat, trainable
 
 DT = torch.float64

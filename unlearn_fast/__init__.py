@@ -11,8 +11,7 @@ from .context import TrainingContext, attach, get_context
 from .data import DATASETS, SimilarDataset, load_dataset
 from . import evaluate  # the metric module: unlearn_fast.evaluate.METRICS
 from .evaluate import METRICS, Evaluation, compute_metrics
-from .influence import influence_unlearn
-from .methods import METHODS, unlearn
+from .methods import METHODS, influence_unlearn, unlearn
 from .models import MODELS, build_model
 from .similarity import find_similar
 from .train import train

@@ -139,9 +139,7 @@ class CurvatureOperator:
                              "move the model there or leave device=None")
         inputs, labels = _data_tensors(data)
         self.n = inputs.shape[0]
-        cast = self.dtype if inputs.is_floating_point() else None
-        self.inputs = inputs.to(device=self.device, dtype=cast)
-        self.labels = labels.to(device=self.device, dtype=self.dtype if labels.is_floating_point() else None)
+        self.inputs, self.labels = self.on_device((inputs, labels))
         self._wrapper = None if isinstance(self.loss, str) else _LossModule(model, self.loss)
         self._batched_double_backward = True  # falls back to a loop over K if vmap cannot batch a backward op
         self._model_device = first.device
@@ -151,6 +149,13 @@ class CurvatureOperator:
         self._stamp: tuple[Any, ...] | None = None
         self._refresh()
         self.batch_size = int(batch_size) if batch_size is not None else self._memory_batch_size()
+
+    def on_device(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) on the operator's device, floating-point ones in the parameters' dtype, as
+        the operator holds its own data."""
+        inputs, labels = pair
+        return (inputs.to(device=self.device, dtype=self.dtype if inputs.is_floating_point() else None),
+                labels.to(device=self.device, dtype=self.dtype if labels.is_floating_point() else None))
 
     def _memory_batch_size(self) -> int:
         """Samples per batch whose forward activations take about BATCH_BYTES (module doc)."""
@@ -184,6 +189,12 @@ class CurvatureOperator:
         self._factor_cache: dict[tuple[int, int], Any] = {}
         self._ggn_cache: dict[tuple[int, int], Any] = {}
         self._cached_bytes = {"factors": 0, "graphs": 0}  # each cache has its own CACHE_BYTES
+
+    def set_damping(self, damping: float) -> None:
+        """Use δ = ``damping`` from the next product on (the trust region of ``influence_unlearn`` re-solves
+        one linearisation at several dampings); cached factors and graphs do not depend on it."""
+        self.damping = check_number(damping, "damping")
+        self.shift = self.weight_decay + self.damping
 
     # -- products ------------------------------------------------------------------------------
     def __call__(self, v: Vector) -> Vector:

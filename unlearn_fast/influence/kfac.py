@@ -71,7 +71,7 @@ EKFAC. M + (λ+δ) I must be invertible: λ + δ > 0 is required (the factors ar
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -354,12 +354,22 @@ def fit_kronecker(op: CurvatureOperator, *, eigen_correct: bool = False, curvatu
 
 # -- solvers and preconditioner --------------------------------------------------------------------
 def _solver(eigen_correct: bool) -> Callable[..., tuple[torch.Tensor, int, list[str]]]:
-    def solver(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, progress: bool):
-        """Direct approximate solve: one factor pass (two for EKFAC), no iterations; tol/max_iter unused."""
-        curvature = fit_kronecker(op, eigen_correct=eigen_correct, progress=progress)
-        return curvature.solve(b), curvature.passes, []
+    def solver(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, progress: bool,
+               prepared: dict | None = None):
+        """Direct approximate solve: one factor pass (two for EKFAC), no iterations; tol/max_iter unused.
+        Factors found in ``prepared`` (solve_operator) are reused at the operator's current shift: 0 passes."""
+        key = ("ekfac" if eigen_correct else "kfac")
+        fitted = None if prepared is None else prepared.get(key)
+        passes = 0
+        if fitted is None:
+            fitted = fit_kronecker(op, eigen_correct=eigen_correct, progress=progress)
+            passes = fitted.passes
+            if prepared is not None:
+                prepared[key] = fitted
+        return replace(fitted, shift=op.shift).solve(b), passes, []
 
     solver.approximate = True  # type: ignore[attr-defined]  # solve_operator: the residual is the approximation error
+    solver.reuses = True  # type: ignore[attr-defined]  # takes ``prepared``
     solver.__name__ = "ekfac" if eigen_correct else "kfac"
     return solver
 

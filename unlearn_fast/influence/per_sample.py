@@ -344,10 +344,16 @@ def fisher_vp(model: nn.Module, loss: Loss, batch: Batch, vectors: dict[str, tor
 
 def loss_gradient(model: nn.Module, loss: Loss, batch: Batch, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Σ_i ∇ℓ_i over the batch, name → [*shape] (one ordinary backward)."""
-    with eval_mode(model):
+    return loss_and_gradient(model, loss, batch, params)[1]
+
+
+def loss_and_gradient(model: nn.Module, loss: Loss, batch: Batch,
+                      params: dict[str, nn.Parameter]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(per-sample losses [B], detached; Σ_i ∇ℓ_i over the batch, name → [*shape]) from one forward and backward."""
+    with torch.enable_grad(), eval_mode(model):
         losses = per_sample_loss(model, loss, batch)
         grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
     out = {}
     for (name, p), g in zip(params.items(), grads):
         out[name] = check_finite(g if g is not None else torch.zeros_like(p), "gradient", f"parameter {name!r}")
-    return out
+    return losses.detach(), out

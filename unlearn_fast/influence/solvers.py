@@ -70,6 +70,7 @@ from .vectors import Vector, VectorForm, as_dict, as_flat
 from .woodbury import woodbury_preconditioner, woodbury_solver
 
 EXACT_MAX_PARAMS = 10_000  # a dense float64 [P, P] is 0.8 GB at 10k, and the solve copies it about twice
+NEGATIVE_CURVATURE = "negative curvature met"  # how cg reports pᵀAp ≤ 0 (SolveResult.indefinite)
 MAX_REPLACEMENTS = 3  # cg restarts from the true residual at most this often per column (a rounding floor)
 EXACT_CHUNK = 64  # unit vectors per product while forming A: bounds the vmapped K × batch activations
 
@@ -88,7 +89,7 @@ class SolveResult:
     that set its scale), for ``exact`` the operator products used to form A, for ``kfac``/``ekfac`` the passes
     over the data. converged: every residual ≤ tol and no problem met; for an ``approximate`` solver
     (kfac, ekfac) no problem met: its residual is the approximation error against the exact curvature
-    and tol does not apply. message: what happened, in words.
+    and tol does not apply. message: what happened, in words. residual: the vectors b_k − A x_k themselves.
     """
 
     solution: Vector
@@ -100,6 +101,8 @@ class SolveResult:
     seconds: float
     message: str
     approximate: bool = False
+    residual: torch.Tensor | None = None  # rhs − A x from that product, flat [K, P] in the operator's dtype
+    indefinite: bool = False  # cg met pᵀAp ≤ 0: A is not positive definite (its x is a truncated solve)
 
 
 Outcome = tuple[torch.Tensor, int, list[str]]  # X [K, P], operator products or iterations, problems met
@@ -139,7 +142,7 @@ def _cg(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, pr
             _confirm_or_replace(op, b, x, r, p, rs, active, done, replaced, last_true, tol * bnorm, pre)
     problems = []
     if negative:
-        problems.append(f"negative curvature met: {describe(negative, 'pᵀAp')}; the curvature is indefinite there: "
+        problems.append(f"{NEGATIVE_CURVATURE}: {describe(negative, 'pᵀAp')}; the curvature is indefinite there: "
                         "raise damping or use curvature='ggn'")
     if bool(active.any()):
         problems.append(f"cg did not converge within max_iter={max_iter} for rhs {active.nonzero().squeeze(1).tolist()}: "
@@ -174,19 +177,28 @@ def _confirm_or_replace(op: CurvatureOperator, b: torch.Tensor, x: torch.Tensor,
         rs[cols] = (r[cols] * z).sum(dim=1)
 
 
-def _exact(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, progress: bool) -> Outcome:
+def _exact(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int, progress: bool,
+           prepared: dict | None = None) -> Outcome:
     size = op.num_params
     if size > EXACT_MAX_PARAMS:
         raise ValueError(f"solver='exact' forms a dense {size}×{size} matrix; P={size} is above EXACT_MAX_PARAMS="
                          f"{EXACT_MAX_PARAMS}: use solver='cg' (or restrict layers=)")
-    a = torch.empty(size, size, dtype=torch.float64, device=op.device)
     starts = range(0, size, EXACT_CHUNK)
-    for s in tqdm(starts, desc="forming A", disable=not progress, leave=False):
-        k = min(EXACT_CHUNK, size - s)
-        units = torch.zeros(k, size, dtype=op.dtype, device=op.device)
-        units[torch.arange(k), torch.arange(s, s + k)] = 1
-        a[s:s + k] = op.matvec(units).double()  # rows A e_j = columns of A (A symmetric)
-    a = (a + a.T) / 2  # removes the rounding asymmetry so that Cholesky sees a symmetric matrix
+    curvature = None if prepared is None else prepared.get("exact")
+    products = 0
+    if curvature is None:  # C without its shift, kept in ``prepared`` for solves at other dampings
+        curvature = torch.empty(size, size, dtype=torch.float64, device=op.device)
+        for s in tqdm(starts, desc="forming A", disable=not progress, leave=False):
+            k = min(EXACT_CHUNK, size - s)
+            units = torch.zeros(k, size, dtype=op.dtype, device=op.device)
+            units[torch.arange(k), torch.arange(s, s + k)] = 1
+            curvature[s:s + k] = op.matvec(units).double()  # rows A e_j = columns of A (A symmetric)
+        curvature = (curvature + curvature.T) / 2  # removes the rounding asymmetry so that Cholesky sees a symmetric matrix
+        curvature.diagonal().sub_(op.shift)
+        products = len(starts)
+        if prepared is not None:
+            prepared["exact"] = curvature
+    a = curvature + op.shift * torch.eye(size, dtype=torch.float64, device=op.device)
     rhs = b.double().T
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
@@ -195,13 +207,18 @@ def _exact(op: CurvatureOperator, b: torch.Tensor, *, tol: float, max_iter: int,
         x, info = torch.linalg.solve_ex(a, rhs)
         if int(info) != 0 or not torch.isfinite(x).all():
             raise ValueError("the curvature matrix is singular: raise damping (or weight_decay)")
-    return x.T.to(b.dtype), len(starts), []
+    return x.T.to(b.dtype), products, []
+
+
+_exact.reuses = True  # type: ignore[attr-defined]  # takes ``prepared`` (see solve_operator)
 
 
 SOLVERS: dict[str, Solver] = {"cg": _cg, "exact": _exact, "kfac": kfac_solver, "ekfac": ekfac_solver, "lissa": lissa,
                               "woodbury": woodbury_solver}
 # What a solver's count means in messages (default: operator products).
 _COUNT_UNITS = {"cg": "iterations", "lissa": "iterations", "woodbury": "data passes"}
+# Iterative solvers that start from x0 (solve_operator's warm start); the others are direct.
+WARM_STARTS = ("cg", "lissa")
 # preconditioner name → (builder(op, progress, **options) → r [K, P] ↦ M⁻¹ r, the options it takes), for cg
 _PRECONDITIONER_BUILDERS: dict[str, tuple[Callable[..., Callable[[torch.Tensor], torch.Tensor]], tuple[str, ...]]] = {
     "kfac": (lambda op, progress, **o: kronecker_preconditioner(op, eigen_correct=False, progress=progress, **o),
@@ -252,26 +269,48 @@ def check_solver_arguments(solver: str, preconditioner: str | None, solver_optio
 
 def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", tol: float = 1e-4, max_iter: int = 500,
                    progress: bool = False, preconditioner: str | None = None,
-                   solver_options: dict | None = None, preconditioner_options: dict | None = None) -> SolveResult:
+                   solver_options: dict | None = None, preconditioner_options: dict | None = None,
+                   x0: Vector | None = None, prepared: dict | None = None) -> SolveResult:
     """Solve op(x) = rhs with an already built :class:`CurvatureOperator` (reuse it across solves).
 
     ``solver_options``: extra keyword options of the solver (``lissa``: ``scale``, ``power_iterations``,
     ``seed``); ``preconditioner_options`` those of the preconditioner (``nystrom``: ``rank``, ``seed``;
     ``woodbury``: ``rank``; ``kfac``/``ekfac``: ``samples``, ``seed``; ``diagonal``: ``probes``, ``seed``).
     A key that is not taken raises, naming the valid ones.
+
+    Solving one linearisation at several dampings (``op.set_damping``), as the trust region of
+    ``influence_unlearn`` does: ``x0`` (the rhs' form) starts the iterative solvers (WARM_STARTS) there,
+    solving for the correction A y = rhs − A x0 to tol·‖rhs‖; ``prepared``, a dict the caller keeps,
+    holds what a solve built that does not depend on the damping (the preconditioner, the dense C of
+    ``exact``, the Kronecker factors of ``kfac``/``ekfac``) for the next solve to reuse. It is valid for
+    one state of the parameters: the caller empties it when they change, or keeps it on purpose (a
+    preconditioner or Kronecker model from nearby parameters is still a valid one, only a less exact one).
     """
     options, pre_options = check_solver_arguments(solver, preconditioner, solver_options, preconditioner_options)
     tol = check_number(tol, "tol", low=0.0, low_open=True)
     max_iter = check_positive_int(max_iter, "max_iter")
     start = time.perf_counter()
     form = VectorForm(rhs, op.params)
-    b = as_flat({n: t.to(device=op.device, dtype=op.dtype) for n, t in as_dict(rhs, op.params).items()}, op.params)
+    b = _flat_on(op, rhs)
     if not torch.isfinite(b).all():
         raise ValueError("rhs has non-finite entries")
     if preconditioner is not None:
-        builder = _PRECONDITIONER_BUILDERS[preconditioner][0]
-        options["precondition"] = builder(op, progress, **pre_options)
-    x, iterations, problems = SOLVERS[solver](op, b, tol=tol, max_iter=max_iter, progress=progress, **options)
+        key = ("preconditioner", preconditioner)
+        if prepared is None or key not in prepared:
+            built = _PRECONDITIONER_BUILDERS[preconditioner][0](op, progress, **pre_options)
+            if prepared is None:
+                options["precondition"] = built
+            else:
+                prepared[key] = built
+        if prepared is not None:
+            options["precondition"] = prepared[key]
+    if prepared is not None and getattr(SOLVERS[solver], "reuses", False):
+        options["prepared"] = prepared
+    start_x = _flat_on(op, x0) if x0 is not None and solver in WARM_STARTS else None
+    if start_x is None:
+        x, iterations, problems = SOLVERS[solver](op, b, tol=tol, max_iter=max_iter, progress=progress, **options)
+    else:
+        x, iterations, problems = _from_start(op, b, start_x, solver, tol, max_iter, progress, options)
     approximate = bool(getattr(SOLVERS[solver], "approximate", False))
     r = b - op.matvec(x)  # our own true residual, from a fresh product
     bnorm, rnorm = b.norm(dim=1), r.norm(dim=1)
@@ -296,7 +335,29 @@ def solve_operator(op: CurvatureOperator, rhs: Vector, *, solver: str = "cg", to
     solution = form.restore(as_dict(x, op.params), op.params)
     return SolveResult(solution=solution, relative_residual=worst, residuals=residuals, iterations=iterations,
                        converged=converged, solver=solver, seconds=time.perf_counter() - start, message=message,
-                       approximate=approximate)
+                       approximate=approximate, residual=r,
+                       indefinite=any(p.startswith(NEGATIVE_CURVATURE) for p in problems))
+
+
+def _flat_on(op: CurvatureOperator, v: Vector) -> torch.Tensor:
+    """A vector in either form as flat [K, P] on the operator's device and dtype."""
+    return as_flat({n: t.to(device=op.device, dtype=op.dtype) for n, t in as_dict(v, op.params).items()}, op.params)
+
+
+def _from_start(op: CurvatureOperator, b: torch.Tensor, x0: torch.Tensor, solver: str, tol: float, max_iter: int,
+                progress: bool, options: dict) -> Outcome:
+    """An iterative solve started at x0: the correction y of A y = b − A x0 (one product) to tol·‖b‖."""
+    if x0.shape != b.shape or not torch.isfinite(x0).all():
+        raise ValueError(f"x0 must be a finite vector shaped like rhs {tuple(b.shape)}, got {tuple(x0.shape)}")
+    r0 = b - op.matvec(x0)
+    bnorm, rnorm = b.norm(dim=1), r0.norm(dim=1)
+    moving = rnorm > 0
+    if not bool(moving.any()):
+        return x0, 1, []
+    # the strictest column sets the tolerance of the correction (the reported residuals stay against b)
+    inner = max(float((tol * bnorm[moving] / rnorm[moving]).min()), float(torch.finfo(b.dtype).eps))
+    y, iterations, problems = SOLVERS[solver](op, r0, tol=inner, max_iter=max_iter, progress=progress, **options)
+    return x0 + y, iterations + 1, problems
 
 
 def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str = "cg", curvature: str = "ggn",
@@ -331,4 +392,5 @@ def solve(model: nn.Module, loss: Loss, data: Data, rhs: Vector, *, solver: str 
                           preconditioner_options=preconditioner_options)
 
 
-__all__ = ["EXACT_MAX_PARAMS", "PRECONDITIONERS", "check_solver_arguments", "SOLVERS", "SolveResult", "SolverWarning", "solve", "solve_operator"]
+__all__ = ["EXACT_MAX_PARAMS", "PRECONDITIONERS", "WARM_STARTS", "check_solver_arguments", "SOLVERS", "SolveResult", "SolverWarning", "solve",
+           "solve_operator"]

@@ -1,26 +1,31 @@
-"""``influence_unlearn``: one Newton step on the retain objective, in place.
+"""``newton_unlearn``: trust-region Newton steps on the retain objective, in place. It is the engine of
+:func:`unlearn_fast.influence_unlearn`, which validates the deletion request and expands it with
+near-duplicates first.
 
 Derivation. Let D be the model's current training set (|D| = N), F ⊂ D the forget set (|F| = m),
-R = D ∖ F (|R| = N − m), and λ the weight decay, with the objectives
+R = D ∖ F (|R| = n_R = N − m), and λ the weight decay, with the objectives
 
-    L(θ)   = (1/N)     Σ_{i∈D} ℓ_i(θ) + (λ/2)‖θ‖²        (what θ* was trained to minimise)
-    L_R(θ) = (1/(N−m)) Σ_{i∈R} ℓ_i(θ) + (λ/2)‖θ‖²        (what retraining without F minimises).
+    L(θ)   = (1/N)   Σ_{i∈D} ℓ_i(θ) + (λ/2)‖θ‖²        (what θ₀ was trained to minimise)
+    L_R(θ) = (1/n_R) Σ_{i∈R} ℓ_i(θ) + (λ/2)‖θ‖²        (what retraining without F minimises).
 
-One Newton step on L_R from θ* is θ = θ* − H_R⁻¹ ∇L_R(θ*), with H_R = (1/(N−m)) Σ_{i∈R} ∇²ℓ_i + λI.
-At the optimum ∇L(θ*) = 0, i.e. Σ_{i∈D} ∇ℓ_i(θ*) = −Nλθ*, so
+One Newton step on L_R from θ₀ is θ = θ₀ − H_R⁻¹ ∇L_R(θ₀), with H_R = (1/n_R) Σ_{i∈R} ∇²ℓ_i + λI.
+At the optimum ∇L(θ₀) = 0, i.e. Σ_{i∈D} ∇ℓ_i(θ₀) = −Nλθ₀, so
 
-    ∇L_R(θ*) = −(1/(N−m)) Σ_{i∈F} (∇ℓ_i(θ*) + λθ*)
+    ∇L_R(θ₀) = −(1/n_R) Σ_{i∈F} (∇ℓ_i(θ₀) + λθ₀)
 
 and the step needs gradients of the m forget samples only (``gradient="forget"``, the influence
-form of Koh & Liang 2017 and Guo et al. 2020). ``gradient="retain"`` computes ∇L_R(θ*) directly
-over R instead, which stays a true Newton step when θ* is not an exact optimum. H_R is replaced by
-the chosen curvature (``ggn`` by default: positive semi-definite, unlike the Hessian of a trained
-deep net) plus ``damping``·I.
+form of Koh & Liang 2017 and Guo et al. 2020). ``gradient="retain"`` computes ∇L_R(θ₀) directly
+over R instead. H_R is replaced by the chosen curvature (``ggn`` by default: positive semi-definite,
+unlike the Hessian of a trained deep net) plus the damping δ·I.
+
+The steps (:mod:`.trust_region`) minimise Φ (:mod:`.retain_objective`), the retain objective whose
+gradient at θ₀ is that first step's, over the retain samples S (all, or ``curvature_samples`` of
+them); δ starts as :mod:`.damping` chooses and moves with the measured ratio ρ of actual to predicted
+decrease of Φ.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -29,195 +34,171 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..context import resolve_context, set_context
-from ..methods.expansion import SimilarExpansion, forget_request
-from ..methods.registry import METHODS, UnlearnTask
-from ..validation import check_choice, check_number, check_positive_int, resolve_device
-from .per_sample import loss_gradient
-from .solvers import check_solver_arguments, solve
-from .vectors import as_dict, as_flat, trainable
+from ..context import TrainingContext, set_context
+from ..validation import check_bool, check_choice, check_number, check_positive_int, resolve_device
+from .curvature import CURVATURES, CurvatureOperator
+from .damping import check_damping, initial_damping
+from .retain_objective import GRADIENTS, RetainObjective
+from .solvers import SolverWarning, check_solver_arguments
+from .trust_region import GRAD_TOL, SolveSpec, StepPolicy, StepRecord, newton_steps
+from .vectors import flat_params, trainable
 
-GRADIENTS = ("forget", "retain")
-# "auto" damping per curvature: ggn/fisher are PSD and the weight decay regularises them; the
-# Hessian of a trained net is indefinite (smallest eigenvalue of H + 1e-3·I about −3e-3 on the
-# digits MLP), so it gets ten times more.
-AUTO_DAMPING = {"ggn": 1e-3, "fisher": 1e-3, "hessian": 1e-2}
+ON_REJECT = ("raise", "warn")
+
+
+class UnlearnWarning(RuntimeWarning):
+    """influence_unlearn left the model unchanged (``on_reject="warn"``) or its accepted solve fell short of tol."""
 
 
 @dataclass
 class UnlearnReport:
-    """What one influence step did; ``seconds`` has the time of each phase."""
+    """What ``influence_unlearn`` did.
+
+    removed_ids: the ids unlearned (empty when no step was accepted and the model is unchanged).
+    step_norm, relative_step: ‖θ − θ₀‖ over all accepted steps, and over ‖θ₀‖.
+    damping: δ of the last accepted step; damping_choice: how the first δ was chosen.
+    relative_residual, converged: of the last accepted step's solve; iterations: over every solve.
+    accepted_steps; stopped: why the steps ended; trials: every trial (:class:`StepRecord`: ρ, δ,
+    residual, step norm, accepted); objective: the samples ρ and later gradients were measured on;
+    gradient_norm: ‖∇Φ‖ / ‖∇Φ(θ₀)‖ at the end where it was measured; passes: passes over those samples;
+    seconds: per phase and in total; similar: the near-duplicate expansion (set by influence_unlearn).
+    """
 
     removed_ids: list[int]
     step_norm: float
-    relative_step: float            # ‖Δθ‖ / ‖θ‖
+    relative_step: float
     solver: str
     curvature: str
     damping: float
-    relative_residual: float        # ‖b − A x‖ / ‖b‖ of the solve, recomputed
+    relative_residual: float
     iterations: int
     converged: bool
     message: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
-    similar: SimilarExpansion | None = None   # the near-duplicates found and added (similar=...)
+    similar: Any = None
+    damping_choice: str = ""
+    accepted_steps: int = 0
+    stopped: str = ""
+    objective: str = ""
+    trials: list[StepRecord] = field(default_factory=list)
+    gradient_norm: float | None = None
+    passes: float = 0.0
+
+    @property
+    def rhos(self) -> list[float]:
+        """ρ of every trial, in order."""
+        return [t.rho for t in self.trials]
 
 
-def _batches(inputs: torch.Tensor, labels: torch.Tensor, size: int, device: torch.device):
-    for start in range(0, inputs.shape[0], size):
-        yield inputs[start:start + size].to(device), labels[start:start + size].to(device)
+def _check_steps(steps: Any) -> int | str:
+    if isinstance(steps, str) and steps == "auto":
+        return steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} is not valid; valid choices: 'auto' or a whole number >= 1")
+    return steps
 
 
-def _check_influence_options(options: dict[str, Any]) -> None:
-    """The option values checked before any work: by influence_unlearn, and through the method registry
-    by a study or tune before any model is trained."""
-    check_solver_arguments(options["solver"], options["preconditioner"], None, options["preconditioner_options"])
-    check_choice(options["curvature"], tuple(AUTO_DAMPING), "curvature")
-    check_choice(options["gradient"], GRADIENTS, "gradient")
+def check_influence_options(options: dict[str, Any]) -> None:
+    """Check every option of ``influence_unlearn`` that is present in ``options`` before any work (also run
+    through the method registry by a study or tune before any model is trained)."""
+    check_solver_arguments(options.get("solver", "cg"), options.get("preconditioner"), None,
+                           options.get("preconditioner_options"))
+    for name, valid in (("curvature", CURVATURES), ("gradient", GRADIENTS), ("on_reject", ON_REJECT)):
+        if name in options:
+            check_choice(options[name], valid, name)
+    if "damping" in options:
+        check_damping(options["damping"])
+    if "steps" in options:
+        _check_steps(options["steps"])
+    if "trust_region" in options:
+        check_bool(options["trust_region"], "trust_region")
+    if "grad_tol" in options:
+        check_number(options["grad_tol"], "grad_tol", low=0.0, low_open=True)
+    for name in ("budget_seconds", "budget_passes"):
+        if options.get(name) is not None:
+            check_number(options[name], name, low=0.0, low_open=True)
+    for name in ("curvature_samples", "batch_size"):
+        if options.get(name) is not None:
+            check_positive_int(options[name], name)
+    if "seed" in options:
+        check_positive_int(options["seed"], "seed", minimum=0)
 
 
-def influence_unlearn(
-    model: nn.Module,
-    forget_ids: Any,
-    *,
-    data: Any = None,
-    loss: Any = None,
-    weight_decay: float | None = None,
-    solver: str = "cg",
-    curvature: str = "ggn",
-    damping: float | str = "auto",
-    preconditioner: str | None = None,
-    preconditioner_options: dict | None = None,
-    gradient: str = "forget",
-    layers: list[str] | None = None,
-    curvature_samples: int | None = None,
-    seed: int = 0,
-    batch_size: int | None = None,
-    tol: float = 1e-4,
-    max_iter: int = 200,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-    similar: float | str | None = None,
-    similar_method: str = "auto",
-    similar_action: str = "remove",
-) -> UnlearnReport:
-    """Remove ``forget_ids``' influence from ``model`` in place with one Newton step (see module doc).
+def newton_unlearn(model: nn.Module, ctx: TrainingContext, ids: list[int], *, solver: str = "cg",
+                   curvature: str = "ggn", damping: float | str = "auto", preconditioner: str | None = None,
+                   preconditioner_options: dict | None = None, gradient: str = "forget", steps: int | str = "auto",
+                   trust_region: bool = True, grad_tol: float = GRAD_TOL, budget_seconds: float | None = None,
+                   budget_passes: float | None = None, on_reject: str = "raise", layers: list[str] | None = None,
+                   curvature_samples: int | None = None, seed: int = 0, batch_size: int | None = None,
+                   tol: float = 1e-4, max_iter: int = 200, device: torch.device | str = "auto",
+                   progress: bool = True) -> UnlearnReport:
+    """Unlearn the validated train ids ``ids`` from ``model`` in place, with ``ctx`` its training context.
 
-    Args:
-        forget_ids: train ids (into the context's data) to remove.
-        data, loss, weight_decay: override or supply the model's training context.
-        solver: "cg" (iterative), "exact" (dense, small models), "lissa" (the LiSSA recursion,
-            slow for small damping), or the direct block-diagonal approximations "kfac" / "ekfac";
-            curvature: "ggn" (default), "fisher" or "hessian".
-        preconditioner: None, "kfac", "ekfac", "diagonal" (Jacobi), "nystrom" (a randomized
-            low-rank sketch) or "woodbury" (the exact inverse of the curvature's 1,000 heaviest
-            pseudo-samples; ggn and fisher), for cg. The first three help ill-scaled single layers
-            (on the digits MLPs they raised the iterations); "nystrom" cut the default digits step
-            1.35× (72 → 24 iterations, plus 32 products for the sketch; about 5·P·32 floats of
-            memory), "woodbury" 2.2× (to 100 ms, 4× faster than retraining).
-        preconditioner_options: its keyword options (nystrom: rank, seed; woodbury: rank;
-            kfac/ekfac: samples, seed; diagonal: probes, seed).
-        damping: added to the curvature's diagonal; "auto" is 1e-3 (ggn, fisher) or 1e-2 (hessian).
-        gradient: "forget" (influence form, m samples) or "retain" (direct ∇L_R over the retain set).
-        layers: restrict the step to the parameters of these named modules.
-        curvature_samples: estimate the curvature H_R from a random subset of this many retain
-            samples (drawn with ``seed``) instead of all of them; the right-hand side always uses
-            the exact sums. The curvature is a mean over R, so a subset is an unbiased estimate of
-            it; on large data it makes the solve cost independent of N (kronfluence bounds its
-            factor fits the same way, with ``covariance_max_examples``). None: all retain samples.
-        batch_size: samples per batch; None sizes the curvature's batches by memory (about 64 MiB of
-            activations each, see :mod:`.curvature`) and the gradient's at 512.
-        similar, similar_method, similar_action: expand the forget set with the targets'
-            near-duplicates, or only list them, as in :func:`unlearn_fast.unlearn`.
-    Returns:
-        An :class:`UnlearnReport` (``similar`` lists the near-duplicates found). The model's context
-        then records the removed ids. A non-finite step raises ValueError and leaves the model unchanged.
+    See :func:`unlearn_fast.influence_unlearn` for the options. Raises (``on_reject="raise"``) or warns
+    (``"warn"``) when no step is accepted; the model is then unchanged and its context too.
     """
-    ctx = resolve_context(model, data=data, loss=loss, weight_decay=weight_decay)
-    # The cheap checks come before the near-duplicate search, so bad options fail fast.
-    _check_influence_options({"solver": solver, "preconditioner": preconditioner, "curvature": curvature,
-                              "preconditioner_options": preconditioner_options, "gradient": gradient})
-    if curvature_samples is not None:
-        check_positive_int(curvature_samples, "curvature_samples")
-    check_positive_int(seed, "seed", minimum=0)
-    if batch_size is not None:
-        check_positive_int(batch_size, "batch_size", hint="or None to size the curvature's batches by memory")
-    delta = AUTO_DAMPING[curvature] if damping == "auto" else check_number(damping, "damping")
-    dev = resolve_device(device)
-    ids, expansion = forget_request(model, ctx, forget_ids, similar, similar_method=similar_method,
-                                    similar_action=similar_action, device=dev, progress=progress)
+    check_influence_options(dict(solver=solver, curvature=curvature, damping=damping, preconditioner=preconditioner,
+                                 preconditioner_options=preconditioner_options, gradient=gradient, steps=steps,
+                                 trust_region=trust_region, grad_tol=grad_tol, budget_seconds=budget_seconds,
+                                 budget_passes=budget_passes, on_reject=on_reject, curvature_samples=curvature_samples,
+                                 seed=seed, batch_size=batch_size))
     retain = ctx.retain_ids(ids)
     if not retain:
         raise ValueError("forget_ids cover the whole training set: nothing would be left to define the model")
-    # gradient batches; the curvature's batches are sized by memory unless batch_size is given
-    size = batch_size or 512
-    params = trainable(model, layers)
-    lam = ctx.weight_decay
-    inputs, labels = ctx.tensors()
-    seconds: dict[str, float] = {}
-
+    dev = resolve_device(device)
     started = time.perf_counter()
     model.to(dev)
-    theta = {n: p.detach() for n, p in params.items()}
-    chosen = torch.as_tensor(ids if gradient == "forget" else retain, dtype=torch.long)
-    total = {n: torch.zeros_like(p) for n, p in theta.items()}
-    for batch in _batches(inputs[chosen], labels[chosen], size, dev):
-        for n, g in loss_gradient(model, ctx.loss, batch, params).items():
-            total[n] += g
-    n_r = len(retain)
-    if gradient == "forget":
-        rhs = {n: (total[n] + len(ids) * lam * theta[n]) / n_r for n in theta}       # = −∇L_R(θ*)
-    else:
-        rhs = {n: -(total[n] / n_r + lam * theta[n]) for n in theta}
-    seconds["gradient"] = time.perf_counter() - started
-
-    started = time.perf_counter()
+    params = trainable(model, layers)
+    inputs, labels = ctx.tensors()
     keep = torch.as_tensor(retain, dtype=torch.long)
-    if curvature_samples is not None and curvature_samples < len(retain):
+    subset = curvature_samples is not None and curvature_samples < len(retain)
+    if subset:
         draw = torch.randperm(len(retain), generator=torch.Generator().manual_seed(seed))[:curvature_samples]
         keep = keep[draw.sort().values]
-    result = solve(model, ctx.loss, (inputs[keep], labels[keep]), {n: v.unsqueeze(0) for n, v in rhs.items()},
-                   solver=solver, curvature=curvature, weight_decay=lam, damping=delta, tol=tol, max_iter=max_iter,
-                   preconditioner=preconditioner, preconditioner_options=preconditioner_options,
-                   batch_size=batch_size, layers=layers, device=dev, progress=progress)
-    seconds["solve"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    step = as_dict(result.solution, params)
-    flat_step = as_flat(step, params)[0]
-    if not torch.isfinite(flat_step).all():
-        bad = [n for n, v in step.items() if not torch.isfinite(v).all()]
-        raise ValueError(f"the Newton step is non-finite in {bad[:5]}; the model was left unchanged (raise damping?)")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.add_(step[n][0].to(p.dtype))
-    theta_norm = float(torch.cat([t.reshape(-1) for t in theta.values()]).norm())
+    op = CurvatureOperator(model, ctx.loss, (inputs[keep], labels[keep]), kind=curvature, weight_decay=ctx.weight_decay,
+                           batch_size=batch_size, layers=layers, device=dev)
+    forget = op.on_device((inputs[ids], labels[ids]))
+    everything = op.on_device((inputs[retain], labels[retain])) if gradient == "retain" and subset else None
+    objective = RetainObjective(model, ctx.loss, params, ctx.weight_decay, forget, (op.inputs, op.labels),
+                                gradient=gradient, retain=everything, n_retain=len(retain), batch_size=op.batch_size)
+    theta0 = objective.theta0
+    choice = initial_damping(damping, op)
+    seconds = {"gradient": time.perf_counter() - started}
+    outcome = newton_steps(objective, op, SolveSpec(solver, preconditioner, preconditioner_options, tol, max_iter),
+                           StepPolicy(steps, trust_region, grad_tol, budget_seconds, budget_passes), choice,
+                           progress=progress)
+    seconds.update(outcome.seconds)
+    where = (f"a seeded subset of {op.n} of the {len(retain)} retain samples (seed {seed})" if subset
+             else f"all {len(retain)} retain samples")
+    delta = flat_params(params) - theta0
+    last = outcome.last
+    report = UnlearnReport(
+        removed_ids=sorted(ids) if outcome.accepted else [], step_norm=float(delta.norm()),
+        relative_step=float(delta.norm()) / max(float(theta0.norm()), 1e-30), solver=solver, curvature=curvature,
+        damping=outcome.damping, relative_residual=float(last.relative_residual) if last else float("nan"),
+        iterations=sum(t.iterations for t in outcome.records), converged=bool(last and last.converged),
+        message=last.message if last else "", seconds=seconds, damping_choice=choice.how,
+        accepted_steps=outcome.accepted, stopped=outcome.stopped, objective=where, trials=outcome.records,
+        gradient_norm=outcome.gradient_norm, passes=objective.passes + outcome.passes)
+    if not outcome.accepted:
+        last_trial = outcome.records[-1] if outcome.records else None
+        detail = (last_trial.note or f"ρ = {last_trial.rho:.3g} at damping {last_trial.damping:.3g}") if last_trial else "no trial"
+        text = (f"influence_unlearn: no step was accepted ({outcome.stopped}; last trial: {detail}); "
+                "the model was left unchanged")
+        if on_reject == "raise":
+            raise ValueError(text + ". Raise budget_seconds / budget_passes or damping, or pass on_reject='warn'")
+        warnings.warn(text, UnlearnWarning, stacklevel=3)
+        report.message = text
+        report.seconds["total"] = time.perf_counter() - started
+        return report
+    tick = time.perf_counter()
     set_context(model, replace(ctx, removed_ids=tuple(sorted({*ctx.removed_ids, *ids}))))
-    seconds["update"] = time.perf_counter() - started
-
-    if not result.converged:
-        warnings.warn(f"influence_unlearn: the {solver} solve did not converge ({result.message})", stacklevel=2)
-    step_norm = float(flat_step.norm())
-    return UnlearnReport(
-        removed_ids=sorted(ids), step_norm=step_norm, relative_step=step_norm / max(theta_norm, 1e-30),
-        solver=solver, curvature=curvature, damping=delta, relative_residual=float(result.relative_residual),
-        iterations=int(result.iterations), converged=bool(result.converged), message=result.message, seconds=seconds,
-        similar=expansion,
-    )
+    report.seconds["update"] = time.perf_counter() - tick
+    report.seconds["total"] = time.perf_counter() - started
+    if last is not None and not last.converged and not last.approximate:
+        warnings.warn(f"influence_unlearn: the {solver} solve of the accepted step did not converge ({last.message})",
+                      SolverWarning, stacklevel=3)
+    return report
 
 
-@METHODS.register("influence", check=_check_influence_options, solver="cg", curvature="ggn", damping="auto",
-                  preconditioner=None,
-                  preconditioner_options=None, gradient="forget",
-                  tol=1e-4, max_iter=200, layers=None, curvature_samples=None, seed=0)
-def influence(model: nn.Module, task: UnlearnTask, **hyper: Any) -> nn.Module:
-    """One Newton/influence step on the retain objective (Koh & Liang 2017; Guo et al. 2020).
-
-    Defaults: conjugate gradient to relative residual 1e-4 (at most 200 iterations) on the
-    generalised Gauss-Newton curvature of the retain set, plus weight decay and damping 1e-3.
-    """
-    out = copy.deepcopy(model)
-    set_context(out, task.context)
-    # unlearn() already expanded task.forget_ids; the report carries that expansion's listing.
-    report = influence_unlearn(out, task.forget_ids, device=task.device, progress=task.progress, **hyper)
-    out.unlearn_fast_report = replace(report, similar=task.similar)
-    return out
+__all__ = ["ON_REJECT", "UnlearnReport", "UnlearnWarning", "check_influence_options", "newton_unlearn"]

@@ -16,9 +16,8 @@ from . import regularised as _regularised  # noqa: F401  (registers graddiff, l1
 from . import dampening as _dampening  # noqa: F401  (registers fisher_forgetting, ssd)
 from . import distill as _distill  # noqa: F401  (registers bad_teacher, scrub)
 from .expansion import SIMILAR_ACTIONS, SimilarExpansion, forget_request
+from .influence import influence_unlearn  # also registers influence
 from .registry import METHODS, UnlearnTask
-
-from ..influence import unlearn as _influence  # noqa: E402,F401  (registers influence; needs the registry above)
 
 
 def unlearn(
@@ -62,4 +61,4 @@ def unlearn(
     return out
 
 
-__all__ = ["METHODS", "SIMILAR_ACTIONS", "SimilarExpansion", "UnlearnTask", "unlearn"]
+__all__ = ["METHODS", "SIMILAR_ACTIONS", "SimilarExpansion", "UnlearnTask", "influence_unlearn", "unlearn"]
