@@ -13,11 +13,11 @@ A number is taken as δ₀ as it is.
 
 Moving it. A rejected trial raises δ to s (from 0) or to DAMPING_GROWTH·δ; a step whose quadratic
 model held (ρ ≥ the trust region's RHO_CONTINUE) lowers it to δ/DAMPING_GROWTH, and to 0 (λ > 0)
-once that falls below s/DAMPING_GROWTH². The factor 2 and the first raise to s were chosen on the
-default digits study (3 seeds, C ∈ {0, 10}): the trust region then settles within a factor √2 (one
-refining trial, :mod:`.trust_region`) of the smallest damping whose step still decreases the
-objective, in 3–5 solves; a factor 4 settled up to 4× higher, where the step removes less of the
-targets' influence (median RI 0.17–0.38 higher on the +similar forget sets).
+once that falls below s/DAMPING_GROWTH². With the one refining trial of :mod:`.trust_region` the
+damping settles within a factor 2 of the smallest one whose step decreases the objective. On the
+default digits study (3 seeds, C ∈ {0, 10}) a factor 4 gave the same steps and residual influence
+as a factor 2 (resolution √2) in fewer solves: 2.3–3.1 against 2.5–4.3 times the retraining time,
+unpreconditioned (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from ..validation import check_number
 from .curvature import CurvatureOperator
+from .kfac import KroneckerCurvature
 from .preconditioners import hutchinson_diagonal
 
 AUTO = "auto"
@@ -50,11 +51,17 @@ def check_damping(damping: float | str) -> float | str:
     return check_number(damping, "damping")
 
 
-def curvature_scale(op: CurvatureOperator, *, probes: int = SCALE_PROBES, seed: int = 0) -> float:
-    """s = |tr(C)| / P, the mean eigenvalue of the operator's curvature C (without λ or δ), from
-    ``probes`` Rademacher probes (:func:`.preconditioners.hutchinson_diagonal`, averaged over the P
-    coordinates). Raises when C is zero: no damping can be scaled to it."""
-    scale = abs(float(hutchinson_diagonal(op, probes=probes, seed=seed).double().mean()))
+def curvature_scale(op: CurvatureOperator, *, kronecker: KroneckerCurvature | None = None, probes: int = SCALE_PROBES,
+                    seed: int = 0) -> float:
+    """s = |tr(C)| / P, the mean eigenvalue of the curvature C (without λ or δ): of the ``kronecker`` model
+    where the steps solve one (its eigenvalues, no product), else of the operator's, from ``probes``
+    Rademacher probes (:func:`.preconditioners.hutchinson_diagonal`, averaged over the P coordinates).
+    Raises when C is zero: no damping can be scaled to it."""
+    if kronecker is not None:
+        trace = sum(float(b.eigenvalues.double().sum()) for b in kronecker.blocks)
+        scale = abs(trace + sum(float(d.double().sum()) for d in kronecker.diagonal.values())) / op.num_params
+    else:
+        scale = abs(float(hutchinson_diagonal(op, probes=probes, seed=seed).double().mean()))
     if not scale > 0:
         raise ValueError(f"the {op.kind} curvature is zero on these samples (trace estimate {scale:g}): the loss does not "
                          "depend on the trainable parameters there; give damping= explicitly")

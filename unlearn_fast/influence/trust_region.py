@@ -12,22 +12,25 @@ predicts with the decrease measured on the samples S:
   rejected trial leaves the parameters as they were; δ is raised (:mod:`.damping`) and the solve is
   warm-started from the last solution at this point. After the first acceptance that followed a
   rejection, one refining trial at √(δ_rejected · δ_accepted) is made and kept if it is accepted too.
-  On the digits MLP the first trials at δ = 0 have ρ from −1.5 to −31 and the smallest accepted
-  damping removes the most influence without damaging the retain fit; thresholds η = 0.1 or 0.25 settle
-  at larger δ, where the median residual influence was 0.2–0.4 higher (benchmarks/RESULTS.md).
+  On the default digits study every first trial at δ = 0 had ρ between −1.5 and −31, and the smallest
+  accepted damping left the median residual influence closest to the oracle's (η = 0.25: 0.16–0.18
+  higher). ρ measures the retain objective: it guards the retained fit, and it does not locate the
+  oracle on a deep net. On the 51k-sample CNN of benchmarks/ the undamped step was accepted (ρ = 0.034)
+  and over-shot the targets (median RI −1.3), and the K-FAC steps that matched the oracle best there
+  increase Φ and are rejected (benchmarks/RESULTS.md).
 - Steps: ``steps="auto"`` re-linearises at the accepted point and goes on while the Newton step holds:
   accepted at the first damping δ₀ (not raised by the trust region) with ρ ≥ RHO_CONTINUE = 0.75, until
   ‖∇Φ‖ ≤ grad_tol·‖∇Φ(θ₀)‖ or AUTO_MAX_STEPS. Where it holds, more steps converge to the retain optimum
   (logistic regression: relative error 0.24 after one step, 7e-6 after four). Where it does not (the
   digits MLP: every first trial at δ₀ = 0 had ρ < 0), the retain optimum is not the retrained model:
-  minimising Φ to convergence there moved the weights by 40–160 % of their norm and left more of the
-  targets' influence than one step (median RI 0.76 against 0.33 at δ = 1e-3), and three forced steps
-  cost 1.8 points of test accuracy; so the steps stop. A heavily damped step can have ρ ≈ 1 on a deep
+  minimising Φ to convergence there moved the weights by 98–173 % of their norm (17–53 % held by
+  δ = 1e-3) and left more of the targets' influence than the steps do (median RI 0.61–0.76 against
+  0.09–0.39), and three forced steps cost 1.8 points of test accuracy; so the steps stop. A heavily damped step can have ρ ≈ 1 on a deep
   net too, hence the condition on δ. An int runs up to that many accepted steps whatever ρ says.
 - Reuse: one curvature operator serves every trial (its factors and graphs are refreshed when the
   parameters change); the preconditioner, the dense matrix of ``exact`` and the Kronecker factors of
-  kfac / ekfac are kept across the trials at one point and across accepted steps whose model held,
-  and rebuilt after a step with ρ < RHO_CONTINUE.
+  kfac / ekfac are kept across the trials at one point. After an accepted step the preconditioner and
+  the Kronecker factors are kept while the model held (ρ ≥ RHO_CONTINUE), exact's matrix never.
 - Budget: ``budget_seconds`` and ``budget_passes`` (passes over S: one per curvature product, gradient
   or loss evaluation, the Kronecker fits' passes included) are checked before each trial.
 - A non-finite step or objective counts as a rejection; ``trust_region=False`` accepts every finite
@@ -39,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -126,15 +129,16 @@ class _Point:
 
 
 def newton_steps(objective: RetainObjective, op: CurvatureOperator, spec: SolveSpec, policy: StepPolicy,
-                 choice: DampingChoice, *, progress: bool = False) -> StepsOutcome:
-    """Run the trust-region steps of the module doc on ``objective``'s parameters (in place)."""
+                 choice: DampingChoice, *, prepared: dict | None = None, progress: bool = False) -> StepsOutcome:
+    """Run the trust-region steps of the module doc on ``objective``'s parameters (in place).
+    ``prepared``: what the first solve may reuse (``solve_operator``), e.g. a preconditioner built already."""
     out = StepsOutcome(damping=choice.value)
     params = objective.params
     theta = flat_params(params).clone()
     g, gnorm0 = objective.g0, float(objective.g0.norm())
     value, size = objective.value0, objective.loss0
     delta, scale = choice.value, None
-    prepared: dict = {}
+    prepared = {} if prepared is None else prepared
     point = _Point()
     pending: tuple[StepRecord, tuple[float, float], SolveResult] | None = None  # accepted, awaiting its refinement
     started = time.perf_counter()
@@ -156,9 +160,8 @@ def newton_steps(objective: RetainObjective, op: CurvatureOperator, spec: SolveS
             timing["solve"] += time.perf_counter() - tick
             out.passes += result.iterations + (0 if result.approximate else 1)
             tick = time.perf_counter()
-            record, trial_value, products = _trial(objective, op, result, g, theta, value, size, delta,
-                                                   out.accepted + 1, policy.trust_region)
-            out.passes += products
+            record, trial_value = _trial(objective, op, spec, prepared, result, g, theta, value, size, delta,
+                                         out.accepted + 1, policy.trust_region)
             timing["evaluate"] += time.perf_counter() - tick
             out.records.append(record)
             bar.update()
@@ -190,8 +193,9 @@ def newton_steps(objective: RetainObjective, op: CurvatureOperator, spec: SolveS
                     out.stopped = f"rejected: {len(point.rejected)} trials in a row at step {out.accepted + 1}"
                     break
                 if scale is None and delta == 0:
-                    scale = curvature_scale(op)
-                    out.passes += 1
+                    kronecker = prepared.get(spec.solver) if spec.solver in ("kfac", "ekfac") else None
+                    scale = curvature_scale(op, kronecker=kronecker)
+                    out.passes += 0 if kronecker is not None else 1
                 delta = raised(delta, scale or 0.0)
                 continue
             delta = record.damping
@@ -208,17 +212,26 @@ def newton_steps(objective: RetainObjective, op: CurvatureOperator, spec: SolveS
             if out.gradient_norm <= policy.grad_tol:
                 out.stopped = f"converged: ‖∇Φ‖ = {out.gradient_norm:.2g} × its start (grad_tol {policy.grad_tol:g})"
                 break
-            if record.rho >= RHO_CONTINUE:  # what approximates the curvature stays useful nearby; exact's C does not
+            if record.rho >= RHO_CONTINUE:
                 delta = lowered(delta, scale, op.weight_decay)
-                prepared.pop("exact", None)
-            else:
-                prepared.clear()
+            _new_point(prepared, keep_models=record.rho >= RHO_CONTINUE)
             point = _Point()
     finally:
         bar.close()
         _set(params, theta)
     out.seconds = dict(timing)
     return out
+
+
+def _new_point(prepared: dict, keep_models: bool) -> None:
+    """What a solve may reuse after an accepted step: never exact's dense C (its solve must be exact at
+    the new point); the Kronecker models of kfac / ekfac and the preconditioner only while the quadratic
+    model held (``keep_models``). A stale preconditioner stays valid but slows cg: on the 51k-sample CNN
+    of benchmarks/, two steps (ρ < 0.75) took 124 s with the first point's Woodbury preconditioner
+    kept and 40 s with it rebuilt."""
+    for key in list(prepared):
+        if key == "exact" or not keep_models:
+            del prepared[key]
 
 
 def _over_budget(policy: StepPolicy, seconds: float, passes: float) -> str:
@@ -230,18 +243,17 @@ def _over_budget(policy: StepPolicy, seconds: float, passes: float) -> str:
     return ""
 
 
-def _trial(objective: RetainObjective, op: CurvatureOperator, result: SolveResult, g: torch.Tensor, theta: torch.Tensor,
-           value: float, size: float, delta: float, step_index: int,
-           trust_region: bool) -> tuple[StepRecord, tuple[float, float], int]:
-    """Evaluate one solve's step Δ at θ + Δ (parameters left there): its record, (Φ, size of Φ's terms)
-    and the operator products the prediction took."""
+def _trial(objective: RetainObjective, op: CurvatureOperator, spec: SolveSpec, prepared: dict, result: SolveResult,
+           g: torch.Tensor, theta: torch.Tensor, value: float, size: float, delta: float, step_index: int,
+           trust_region: bool) -> tuple[StepRecord, tuple[float, float]]:
+    """Evaluate one solve's step Δ at θ + Δ (parameters left there): its record and (Φ, |L_S| there)."""
     step = result.solution[0]
     base = dict(step=step_index, damping=delta, relative_residual=float(result.relative_residual),
                 iterations=int(result.iterations))
     if not torch.isfinite(step).all():
         return StepRecord(rho=-math.inf, predicted=math.nan, actual=math.nan, step_norm=math.nan, accepted=False,
-                          note="non-finite step", **base), (math.nan, math.nan), 0
-    curved, products = _model_product(op, result, step, g, delta)
+                          note="non-finite step", **base), (math.nan, math.nan)
+    curved = _model_product(op, spec, prepared, result, step, g, delta)
     predicted = -float(g.double() @ step.double()) - 0.5 * curved
     _set(objective.params, theta + step)
     trial, trial_size = objective.value()
@@ -262,19 +274,18 @@ def _trial(objective: RetainObjective, op: CurvatureOperator, result: SolveResul
         note = "; ".join(filter(None, [note, result.message]))
     accepted = math.isfinite(trial) and (rho > RHO_ACCEPT or not trust_region)
     return StepRecord(rho=rho, predicted=predicted, actual=actual, step_norm=float(step.norm()), accepted=accepted,
-                      note=note, **base), (trial, trial_size), products
+                      note=note, **base), (trial, trial_size)
 
 
-def _model_product(op: CurvatureOperator, result: SolveResult, step: torch.Tensor, g: torch.Tensor,
-                   delta: float) -> tuple[float, int]:
-    """(ΔᵀAΔ for the exact curvature A = C + λI, operator products it took): from the solve's own
-    residual r = −g − (A + δI)Δ where the solve used A itself, from one product for kfac / ekfac,
-    whose residual is against A but whose step solved the Kronecker model."""
-    if result.residual is None or result.approximate:
-        product = op.matvec(step.unsqueeze(0))[0] - delta * step
-        return float(step.double() @ product.double()), 1
-    residual = result.residual[0]
-    return float(step.double() @ (-g - residual).double()) - delta * float(step.double().pow(2).sum()), 0
+def _model_product(op: CurvatureOperator, spec: SolveSpec, prepared: dict, result: SolveResult, step: torch.Tensor,
+                   g: torch.Tensor, delta: float) -> float:
+    """ΔᵀBΔ for the curvature model B = M + λI that the step solved (without δ): the exact operator's, from
+    the solve's own residual r = −g − (B + δI)Δ; for kfac / ekfac the Kronecker model's (a cheap product)."""
+    if spec.solver in ("kfac", "ekfac"):
+        model = replace(prepared[spec.solver], shift=op.weight_decay)
+        return float(step.double() @ model.matvec(step.unsqueeze(0))[0].double())
+    residual = result.residual[0] if result.residual is not None else -g - op.matvec(step.unsqueeze(0))[0]
+    return float(step.double() @ (-g - residual).double()) - delta * float(step.double().pow(2).sum())
 
 
 def _done(out: StepsOutcome, policy: StepPolicy, record: StepRecord, first_damping: float) -> bool:

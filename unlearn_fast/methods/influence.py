@@ -31,7 +31,7 @@ def influence_unlearn(
     solver: str = "cg",
     curvature: str = "ggn",
     damping: float | str = "auto",
-    preconditioner: str | None = None,
+    preconditioner: str | None = "auto",
     preconditioner_options: dict | None = None,
     gradient: str = "forget",
     steps: int | str = "auto",
@@ -63,9 +63,10 @@ def influence_unlearn(
         damping: δ added to the curvature's diagonal at the first trial. "auto": 0 when the weight decay
             makes the curvature positive definite, else the curvature's mean eigenvalue
             (:mod:`unlearn_fast.influence.damping`); the trust region raises it where a step is rejected.
-        preconditioner, preconditioner_options: for cg: None, "kfac", "ekfac", "diagonal", "nystrom" or
-            "woodbury", with their options (nystrom: rank, seed; woodbury: rank; kfac/ekfac: samples, seed;
-            diagonal: probes, seed).
+        preconditioner, preconditioner_options: for cg: "auto" (the Woodbury preconditioner where it applies
+            to the curvature and model, else none; its option is rank), None, "kfac", "ekfac", "diagonal",
+            "nystrom" or "woodbury", with their options (nystrom: rank, seed; woodbury: rank; kfac/ekfac:
+            samples, seed; diagonal: probes, seed).
         gradient: "forget" (the influence form, m samples) or "retain" (∇L_R over the retain set).
         steps: "auto" (re-linearise while the quadratic model holds, ρ ≥ 0.75, until ‖∇Φ‖ ≤ grad_tol ×
             its start, at most 10 steps) or the number of accepted steps to take.
@@ -104,7 +105,7 @@ def influence_unlearn(
 
 
 @METHODS.register("influence", check=check_influence_options, solver="cg", curvature="ggn", damping="auto",
-                  preconditioner=None, preconditioner_options=None, gradient="forget", steps="auto",
+                  preconditioner="auto", preconditioner_options=None, gradient="forget", steps="auto",
                   trust_region=True, grad_tol=GRAD_TOL, budget_seconds=None, budget_passes=None, on_reject="raise",
                   tol=1e-4, max_iter=200, layers=None, curvature_samples=None, seed=0)
 def influence(model: nn.Module, task: UnlearnTask, **hyper: Any) -> nn.Module:
