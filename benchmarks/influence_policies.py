@@ -8,7 +8,7 @@
 
 The study conditions are the default study's (digits-blockmask, MLP recipe, seeds 0-2): the 50 targets
 at C=0, and at C=10 the targets plus the near-duplicates ``find_similar`` adds (the +similar row).
-``--weight-decay`` retrains the originals with another λ (sweep only). Every line printed is one
+``--weight-decay`` retrains the originals with another λ (sweep, policies). Every line printed is one
 condition or one summary over the 3 seeds; RI medians are averaged over seeds, as in the study table.
 """
 
@@ -132,16 +132,16 @@ def run_sweep(weight_decay: float | None, dampings: list[float]) -> None:
 POLICIES = {
     "defaults": ({}, {}),
     "acceptance rho > 0.25": ({}, {"RHO_ACCEPT": 0.25}),
-    "damping growth 2": ({}, {"DAMPING_GROWTH": 2.0}),
+    "damping growth 4": ({}, {"DAMPING_GROWTH": 4.0}),
     "no preconditioner": ({"preconditioner": None}, {}),
     "steps=3": ({"steps": 3}, {}),
     "before (one step, damping 1e-3)": (BEFORE, {}),
 }
 
 
-def run_policies() -> None:
+def run_policies(weight_decay: float | None) -> None:
     rows: dict[tuple, list[dict]] = {}
-    for row, seed, data, original, oracle, ids, retrain_seconds in conditions():
+    for row, seed, data, original, oracle, ids, retrain_seconds in conditions(weight_decay):
         for name, (options, constants) in POLICIES.items():
             m = copy.deepcopy(original)
             with patched(constants), warnings.catch_warnings():
@@ -211,12 +211,12 @@ def run_limit(dampings: list[float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=["convex", "sweep", "policies", "noise", "limit"])
-    parser.add_argument("--weight-decay", type=float, default=None, help="sweep: retrain the originals with this λ")
+    parser.add_argument("--weight-decay", type=float, default=None, help="sweep, policies: retrain the originals with this λ")
     parser.add_argument("--dampings", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3])
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
-    {"convex": run_convex, "policies": run_policies, "noise": run_noise,
+    {"convex": run_convex, "policies": lambda: run_policies(args.weight_decay), "noise": run_noise,
      "sweep": lambda: run_sweep(args.weight_decay, args.dampings), "limit": lambda: run_limit(args.dampings)}[args.what]()
 
 

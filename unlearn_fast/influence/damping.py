@@ -14,10 +14,10 @@ A number is taken as δ₀ as it is.
 Moving it. A rejected trial raises δ to s (from 0) or to DAMPING_GROWTH·δ; a step whose quadratic
 model held (ρ ≥ the trust region's RHO_CONTINUE) lowers it to δ/DAMPING_GROWTH, and to 0 (λ > 0)
 once that falls below s/DAMPING_GROWTH². With the one refining trial of :mod:`.trust_region` the
-damping settles within a factor 2 of the smallest one whose step decreases the objective. On the
-default digits study (3 seeds, C ∈ {0, 10}) a factor 4 gave the same steps and residual influence
-as a factor 2 (resolution √2) in fewer solves: 2.3–3.1 against 2.5–4.3 times the retraining time,
-unpreconditioned (benchmarks/RESULTS.md).
+damping settles within a factor √2 of the smallest one whose step decreases the objective. On the
+digits study (3 seeds, C ∈ {0, 10}) a factor 2 gave the same steps as a factor 4 at λ = 5e-4 and
+2e-3, and at λ = 1e-4 steps closer to the oracle (median residual influence 0.58 and 0.19 against
+0.79 and 0.37), at about the same cost (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .preconditioners import hutchinson_diagonal
 
 AUTO = "auto"
 SCALE_PROBES = 16
-DAMPING_GROWTH = 4.0
+DAMPING_GROWTH = 2.0
 
 
 @dataclass(frozen=True)
