@@ -80,19 +80,16 @@ def test_forget_and_retain_gradients_agree_at_the_optimum(breast_cancer_logistic
 
 
 def test_deep_net_steps_follow_the_trust_region(trained_mlp, small_digits):
-    """On a trained MLP: every accepted trial decreased the retain objective (ρ > 0), rejected ones
-    raised the damping, and the model moved by exactly the accepted step."""
+    """On a trained MLP the undamped trial is rejected: one step is kept, it decreased the retain
+    objective (ρ > 0), and the model moved by exactly that step."""
     model = copy.deepcopy(trained_mlp)
     before = flat(model)
     report = uf.influence_unlearn(model, small_digits.forget_ids, device="cpu", progress=False)
     accepted = [t for t in report.trials if t.accepted]
-    assert len(accepted) == report.accepted_steps >= 1
-    assert all(t.rho > trust_region.RHO_ACCEPT for t in accepted)
-    first_step = [t for t in report.trials if t.step == 1]
-    rejected_before = [t.damping for t in first_step[:first_step.index(accepted[0])] if not t.accepted]
-    assert rejected_before == sorted(rejected_before)  # raised after each rejection (a refining trial comes after)
-    if report.accepted_steps == 1:
-        assert float((flat(model) - before).norm()) == pytest.approx(accepted[0].step_norm, rel=1e-5)
+    assert not report.trials[0].accepted and report.trials[0].damping == 0
+    assert report.accepted_steps == len(accepted) == 1 and accepted[0].rho > trust_region.RHO_ACCEPT
+    assert report.stopped.startswith("the Newton step did not hold at step 1 (the trust region rejected")
+    assert float((flat(model) - before).norm()) == pytest.approx(accepted[0].step_norm, rel=1e-5)
     assert report.objective == f"all {len(small_digits.train) - len(small_digits.forget_ids)} retain samples"
     assert report.passes > 0 and report.seconds["total"] > 0
 
@@ -142,6 +139,12 @@ def test_influence_moves_targets_toward_retrain_on_digits(trained_mlp, small_dig
     ({"on_reject": "ignore"}, "valid choices: 'raise', 'warn'"),
     ({"grad_tol": 0}, "grad_tol=0"),
     ({"trust_region": "yes"}, "trust_region must be True or False"),
+    ({"tol": -1.0}, "tol=-1.0"),
+    ({"tol": float("nan")}, "tol=nan"),
+    ({"max_iter": 0}, "max_iter=0"),
+    ({"max_iter": 2.5}, "max_iter=2.5"),
+    ({"preconditioner": "Auto"}, "valid choices: 'auto', None, 'kfac'"),
+    ({"solver": "exact", "preconditioner_options": {"rank": 10}}, "solver='exact' takes none"),
 ])
 def test_bad_input(trained_mlp, kwargs, message):
     model = copy.deepcopy(trained_mlp)
@@ -151,9 +154,12 @@ def test_bad_input(trained_mlp, kwargs, message):
     assert torch.equal(flat(model), flat(trained_mlp))
 
 
-def test_bad_options_through_the_registry(trained_mlp, small_digits):
-    with pytest.raises(ValueError, match="steps=0 is not valid"):
-        uf.unlearn(trained_mlp, small_digits.forget_ids, "influence", steps=0, progress=False)
+@pytest.mark.parametrize("options, message", [({"steps": 0}, "steps=0 is not valid"), ({"max_iter": 0}, "max_iter=0"),
+                                              ({"tol": -1.0}, "tol=-1.0")])
+def test_bad_options_through_the_registry(options, message):
+    """The study and tune check a method's options before any model is trained."""
+    with pytest.raises(ValueError, match=message):
+        uf.METHODS.resolve_hyper("influence", options)
 
 
 def test_whole_train_set_and_missing_context(small_digits):
@@ -185,6 +191,6 @@ def test_non_finite_steps_leave_the_model_unchanged(breast_cancer_logistic, monk
     with pytest.warns(UnlearnWarning, match="no step was accepted"):
         report = uf.influence_unlearn(m, forget, solver="exact", on_reject="warn", device="cpu", progress=False)
     assert torch.equal(flat(m), before) and get_context(m).removed_ids == ()
-    assert report.accepted_steps == 0 and report.removed_ids == [] and report.stopped.startswith("rejected: 4 trials")
+    assert report.accepted_steps == 0 and report.removed_ids == [] and report.stopped.startswith("rejected: 3 trials")
     assert all(t.note == "non-finite step" and not t.accepted for t in report.trials)
     assert [t.damping for t in report.trials][:2] == [0.0, report.trials[1].damping] and report.trials[1].damping > 0

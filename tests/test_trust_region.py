@@ -72,27 +72,50 @@ def test_every_trial_is_reported_and_rejections_change_nothing(trained_mlp, smal
     before = flat(model)
     monkeypatch.setattr(trust_region, "RHO_ACCEPT", math.inf)
     monkeypatch.setattr(trust_region, "MAX_REJECTIONS", 4)
-    with pytest.raises(ValueError, match=r"no step was accepted \(rejected: 5 trials in a row at step 1.*left unchanged"):
+    with pytest.raises(ValueError, match=r"no step was accepted \(rejected: 4 trials in a row at step 1.*left unchanged"):
         uf.influence_unlearn(model, small_digits.forget_ids, device="cpu", progress=False)
     assert torch.equal(flat(model), before) and get_context(model).removed_ids == ()
-    with pytest.warns(UnlearnWarning):  # unpreconditioned, so that the warm starts show in the iterations
-        report = uf.influence_unlearn(model, small_digits.forget_ids, on_reject="warn", preconditioner=None, device="cpu",
-                                      progress=False)
+    with pytest.warns(UnlearnWarning):
+        report = uf.influence_unlearn(model, small_digits.forget_ids, on_reject="warn", device="cpu", progress=False)
     assert torch.equal(flat(model), before) and report.accepted_steps == 0 and report.removed_ids == []
     dampings = [t.damping for t in report.trials]
     assert dampings[0] == 0 and dampings[1] > 0
-    assert dampings[2:] == pytest.approx([dampings[1] * damping.DAMPING_GROWTH ** k for k in range(1, 4)])
+    assert dampings[2:] == pytest.approx([dampings[1] * damping.DAMPING_GROWTH ** k for k in range(1, 3)])
     for t in report.trials:
         assert not t.accepted and math.isfinite(t.rho) and t.predicted > 0 and t.step_norm > 0 and t.iterations > 0
         assert t.rho == pytest.approx(t.actual / t.predicted) or t.note.startswith("decrease below rounding")
-    # warm starts: every re-solve started from the last solution and took fewer iterations than the first
-    assert all(t.iterations < report.trials[0].iterations for t in report.trials[1:])
+
+
+def _first_step(report):
+    return [t for t in report.trials if t.step == 1]
+
+
+def test_from_an_undamped_rejection_the_search_halves_down_to_the_smallest_accepted(trained_mlp, small_digits):
+    """δ = 0 rejected, s accepted: halve while accepted, then one refining trial between the last
+    accepted and the first rejected half. The smallest accepted damping is kept; the others are marked."""
+    model = copy.deepcopy(trained_mlp)
+    before = flat(model)
+    report = uf.influence_unlearn(model, small_digits.forget_ids, device="cpu", progress=False)
+    first = _first_step(report)
+    acceptable = [t for t in first if t.accepted or "superseded" in t.note]
+    assert first[0].damping == 0 and not first[0].accepted and acceptable[0] is first[1]
+    scale = first[1].damping
+    halves = [t.damping for t in first[1:] if t.damping <= scale]
+    rejected_half = next(t for t in first[2:] if not t.accepted and "superseded" not in t.note)
+    index = first.index(rejected_half)
+    assert [t.damping for t in first[1:index + 1]] == pytest.approx([scale / 2 ** k for k in range(index)])
+    assert len(halves) == len(first) - 1 and len(first) == index + 2  # then exactly one refining trial
+    assert first[-1].damping == pytest.approx(math.sqrt(rejected_half.damping * first[index - 1].damping))
+    kept = min(acceptable, key=lambda t: t.damping)
+    assert [t for t in first if t.accepted] == [kept] and report.damping == kept.damping
+    assert all("superseded" in t.note for t in acceptable if t is not kept)
+    assert float((flat(model) - before).norm()) == pytest.approx(kept.step_norm, rel=1e-5)
 
 
 def test_a_rejection_is_followed_by_one_refining_trial(trained_mlp, small_digits):
     model = copy.deepcopy(trained_mlp)
     report = uf.influence_unlearn(model, _big_forget(small_digits), damping=1e-5, device="cpu", progress=False)
-    first = [t for t in report.trials if t.step == 1]
+    first = _first_step(report)
     tried = next(i for i, t in enumerate(first) if t.accepted or "superseded" in t.note)
     assert tried >= 1 and not any(t.accepted for t in first[:tried])  # the given damping was rejected first
     assert [t.damping for t in first[:tried + 1]] == pytest.approx([1e-5 * damping.DAMPING_GROWTH ** k for k in range(tried + 1)])
@@ -103,6 +126,71 @@ def test_a_rejection_is_followed_by_one_refining_trial(trained_mlp, small_digits
     if refining.accepted:
         assert "superseded" in first[tried].note
     assert report.damping == kept.damping
+
+
+def test_a_rejected_refinement_keeps_the_accepted_step(trained_mlp, small_digits, monkeypatch):
+    """Force the refining trial (off the ×2 ladder) to be rejected: the ladder's accepted step is applied
+    (the step of that damping solved alone, to the solve's tolerance: it was warm-started)."""
+    forget = _big_forget(small_digits)
+    real = trust_region._trial
+
+    def refinement_rejected(*args, **kwargs):
+        record, value = real(*args, **kwargs)
+        ladder = math.log2(record.damping / 1e-5)
+        if abs(ladder - round(ladder)) > 1e-6:
+            record.accepted, record.note = False, "forced"
+        return record, value
+
+    monkeypatch.setattr(trust_region, "_trial", refinement_rejected)
+    model = copy.deepcopy(trained_mlp)
+    report = uf.influence_unlearn(model, forget, damping=1e-5, steps=1, device="cpu", progress=False)
+    monkeypatch.setattr(trust_region, "_trial", real)
+    assert report.trials[-1].note == "forced" and report.trials[-2].accepted
+    before = flat(trained_mlp)
+    assert float((flat(model) - before).norm()) == pytest.approx(report.trials[-2].step_norm, rel=1e-5)
+    alone = copy.deepcopy(trained_mlp)
+    uf.influence_unlearn(alone, forget, damping=report.damping, trust_region=False, steps=1, device="cpu", progress=False)
+    assert float((flat(model) - flat(alone)).norm()) <= 1e-2 * float((flat(alone) - before).norm())
+
+
+def test_an_error_mid_run_puts_the_model_back(breast_cancer_logistic, monkeypatch):
+    """An exception after an accepted step (here while re-linearising) leaves the model as it was before
+    the call, not half unlearned, and its context unchanged."""
+    model, data, forget, _ = breast_cancer_logistic
+    m = uf.attach(copy.deepcopy(model), data, "cross_entropy", weight_decay=LOGISTIC_LAMBDA)
+    before = flat(m)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RetainObjective, "gradient", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        uf.influence_unlearn(m, forget, steps=2, device="cpu", progress=False)
+    assert torch.equal(flat(m), before) and get_context(m).removed_ids == ()
+
+
+def test_a_non_finite_objective_rejects_the_trial(trained_mlp, small_digits, monkeypatch):
+    real, calls = RetainObjective.value, []
+
+    def overflowing(self):
+        calls.append(1)
+        return (math.inf, math.inf) if len(calls) == 1 else real(self)
+
+    monkeypatch.setattr(RetainObjective, "value", overflowing)
+    report = uf.influence_unlearn(copy.deepcopy(trained_mlp), small_digits.forget_ids, damping=1e-2, device="cpu",
+                                  progress=False)
+    assert report.trials[0].note.startswith("non-finite objective") and not report.trials[0].accepted
+    assert report.accepted_steps == 1 and report.damping > 1e-2
+
+
+def test_a_budget_spent_during_the_search_keeps_the_best_accepted_step(trained_mlp, small_digits):
+    full = uf.influence_unlearn(copy.deepcopy(trained_mlp), small_digits.forget_ids, device="cpu", progress=False)
+    assert len(full.trials) > 3 and full.trials[1].damping > 0  # rejected at 0, accepted at s, then the search
+    first_two = full.passes - sum(t.iterations + 2 for t in full.trials[2:])  # passes through the second trial
+    model = copy.deepcopy(trained_mlp)
+    report = uf.influence_unlearn(model, small_digits.forget_ids, budget_passes=first_two, device="cpu", progress=False)
+    assert report.stopped.startswith("budget") and report.accepted_steps == 1 and len(report.trials) == 2
+    assert report.damping == full.trials[1].damping and report.removed_ids == sorted(small_digits.forget_ids)
 
 
 def test_auto_stops_where_the_trust_region_had_to_damp(trained_mlp, small_digits):

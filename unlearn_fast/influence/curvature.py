@@ -151,8 +151,7 @@ class CurvatureOperator:
         self.batch_size = int(batch_size) if batch_size is not None else self._memory_batch_size()
 
     def on_device(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels) on the operator's device, floating-point ones in the parameters' dtype, as
-        the operator holds its own data."""
+        """(inputs, labels) as the operator holds its data: on its device, floats in the parameters' dtype."""
         inputs, labels = pair
         return (inputs.to(device=self.device, dtype=self.dtype if inputs.is_floating_point() else None),
                 labels.to(device=self.device, dtype=self.dtype if labels.is_floating_point() else None))
@@ -191,8 +190,7 @@ class CurvatureOperator:
         self._cached_bytes = {"factors": 0, "graphs": 0}  # each cache has its own CACHE_BYTES
 
     def set_damping(self, damping: float) -> None:
-        """Use δ = ``damping`` from the next product on (the trust region of ``influence_unlearn`` re-solves
-        one linearisation at several dampings); cached factors and graphs do not depend on it."""
+        """δ = ``damping`` from the next product on (cached factors and graphs do not depend on it)."""
         self.damping = check_number(damping, "damping")
         self.shift = self.weight_decay + self.damping
 

@@ -11,18 +11,22 @@ trust region moves it (:mod:`.trust_region`).
   estimated from SCALE_PROBES Hutchinson probes (one batched product).
 A number is taken as δ₀ as it is.
 
-Moving it. A rejected trial raises δ to s (from 0) or to DAMPING_GROWTH·δ; a step whose quadratic
-model held (ρ ≥ the trust region's RHO_CONTINUE) lowers it to δ/DAMPING_GROWTH, and to 0 (λ > 0)
-once that falls below s/DAMPING_GROWTH². With the one refining trial of :mod:`.trust_region` the
-damping settles within a factor √2 of the smallest one whose step decreases the objective. On the
-digits study (3 seeds, C ∈ {0, 10}) a factor 2 gave the same steps as a factor 4 at λ = 5e-4 and
-2e-3, and at λ = 1e-4 steps closer to the oracle (median residual influence 0.58 and 0.19 against
-0.79 and 0.37), at about the same cost (benchmarks/RESULTS.md).
+Moving it (:class:`DampingSearch`, one per linearisation point). A rejected trial raises δ to s (from
+0) or to DAMPING_GROWTH·δ; after the first acceptance the search narrows the gap to the largest
+rejected damping below, so that it settles within a factor √2 of the smallest damping whose step
+decreases the objective; from 0, by halving s while halves are accepted. A step whose quadratic model
+held (ρ ≥ the trust region's RHO_CONTINUE, no rejection) lowers the next point's start to
+δ/DAMPING_GROWTH, and to 0 (λ > 0) once that falls below s/DAMPING_GROWTH². On the digits study
+(3 seeds, C ∈ {0, 10}) a factor 2 gave steps as close to the oracle as a factor 4 or closer
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..validation import check_number
 from .curvature import CurvatureOperator
@@ -32,6 +36,7 @@ from .preconditioners import hutchinson_diagonal
 AUTO = "auto"
 SCALE_PROBES = 16
 DAMPING_GROWTH = 2.0
+MAX_HALVINGS = 10  # the search below s stops at s / 2^10
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,54 @@ def initial_damping(damping: float | str, op: CurvatureOperator) -> DampingChoic
                                 f"({SCALE_PROBES} Hutchinson probes), since λ = 0 leaves C singular")
 
 
+class DampingSearch:
+    """The trials at one linearisation point: which damping to try next, and which accepted one to keep.
+
+    It starts at ``start``. Until a trial is accepted, each rejection raises the damping (:func:`raised`).
+    Once one is accepted after rejections, the search narrows the gap to the largest rejected damping
+    below it: with a positive one, by one refining trial at their geometric mean (resolution
+    √DAMPING_GROWTH); when that is 0 (the undamped trial), by halving from the accepted damping while
+    halves are accepted, at most MAX_HALVINGS times, then refining as before. A trial accepted at
+    ``start`` ends the search at once. ``scale`` gives s lazily (it costs products).
+    """
+
+    def __init__(self, start: float, scale: Callable[[], float]) -> None:
+        self.start, self._scale = start, scale
+        self.accepted: dict[float, Any] = {}  # damping → what the caller keeps of that trial
+        self.rejected: list[float] = []
+
+    def add(self, damping: float, accepted: bool, kept: Any = None) -> None:
+        if accepted:
+            self.accepted[damping] = kept
+        else:
+            self.rejected.append(damping)
+
+    @property
+    def intervened(self) -> bool:
+        """Whether the damping was moved from ``start`` (a trial was rejected at this point)."""
+        return bool(self.rejected)
+
+    def best(self) -> tuple[float, Any]:
+        """(the smallest accepted damping, what was kept of its trial)."""
+        damping = min(self.accepted)
+        return damping, self.accepted[damping]
+
+    def next(self) -> float | None:
+        """The damping of the next trial, or None when the point is settled."""
+        if not self.accepted:
+            return self.start if not self.rejected else raised(max(self.rejected), self._scale())
+        if not self.rejected:
+            return None
+        best = min(self.accepted)
+        below = [d for d in self.rejected if d < best]
+        if not below:
+            return None
+        lower = max(below)
+        if lower == 0:
+            return best / 2 if best / 2 >= self._scale() / 2 ** MAX_HALVINGS else None
+        return math.sqrt(lower * best) if best / lower > math.sqrt(DAMPING_GROWTH) * (1 + 1e-9) else None
+
+
 def raised(damping: float, scale: float) -> float:
     """The damping after a rejected trial: the scale s from 0, else DAMPING_GROWTH times more."""
     return scale if damping == 0 else damping * DAMPING_GROWTH
@@ -96,5 +149,5 @@ def lowered(damping: float, scale: float | None, weight_decay: float) -> float:
     return 0.0 if weight_decay > 0 and smaller < floor else smaller
 
 
-__all__ = ["AUTO", "DAMPING_GROWTH", "DampingChoice", "SCALE_PROBES", "check_damping", "curvature_scale",
-           "initial_damping", "lowered", "raised"]
+__all__ = ["AUTO", "DAMPING_GROWTH", "DampingChoice", "DampingSearch", "MAX_HALVINGS", "SCALE_PROBES", "check_damping",
+           "curvature_scale", "initial_damping", "lowered", "raised"]

@@ -358,14 +358,13 @@ def _solver(eigen_correct: bool) -> Callable[..., tuple[torch.Tensor, int, list[
                prepared: dict | None = None):
         """Direct approximate solve: one factor pass (two for EKFAC), no iterations; tol/max_iter unused.
         Factors found in ``prepared`` (solve_operator) are reused at the operator's current shift: 0 passes."""
-        key = ("ekfac" if eigen_correct else "kfac")
-        fitted = None if prepared is None else prepared.get(key)
+        fitted = None if prepared is None else prepared.get(solver.__name__)
         passes = 0
         if fitted is None:
             fitted = fit_kronecker(op, eigen_correct=eigen_correct, progress=progress)
             passes = fitted.passes
             if prepared is not None:
-                prepared[key] = fitted
+                prepared[solver.__name__] = fitted
         return replace(fitted, shift=op.shift).solve(b), passes, []
 
     solver.approximate = True  # type: ignore[attr-defined]  # solve_operator: the residual is the approximation error

@@ -346,11 +346,15 @@ def _flat_on(op: CurvatureOperator, v: Vector) -> torch.Tensor:
 
 def _from_start(op: CurvatureOperator, b: torch.Tensor, x0: torch.Tensor, solver: str, tol: float, max_iter: int,
                 progress: bool, options: dict) -> Outcome:
-    """An iterative solve started at x0: the correction y of A y = b − A x0 (one product) to tol·‖b‖."""
+    """An iterative solve started at x0: the correction y of A y = b − A x0 (one product) to tol·‖b‖; from 0
+    instead where x0 is no nearer to the solution than 0 is (‖b − A x0‖ ≥ ‖b‖)."""
     if x0.shape != b.shape or not torch.isfinite(x0).all():
         raise ValueError(f"x0 must be a finite vector shaped like rhs {tuple(b.shape)}, got {tuple(x0.shape)}")
     r0 = b - op.matvec(x0)
     bnorm, rnorm = b.norm(dim=1), r0.norm(dim=1)
+    if bool((rnorm >= bnorm).any()):  # no nearer than 0 (a start from another damping can be farther): go cold
+        x, iterations, problems = SOLVERS[solver](op, b, tol=tol, max_iter=max_iter, progress=progress, **options)
+        return x, iterations + 1, problems
     moving = rnorm > 0
     if not bool(moving.any()):
         return x0, 1, []

@@ -9,12 +9,12 @@ predicts with the decrease measured on the samples S:
     ρ = (Φ(θ_k) − Φ(θ_k + Δ)) / (q(0) − q(Δ))         (Levenberg 1944, Marquardt 1963, Moré 1978)
 
 - Acceptance: ρ > RHO_ACCEPT = 0, any decrease of Φ (η = 0 in Nocedal & Wright 2006, Alg. 4.1). A
-  rejected trial leaves the parameters as they were; δ is raised (:mod:`.damping`) and the solve is
-  warm-started from the last solution at this point. After the first acceptance that followed a
-  rejection, one refining trial at √(δ_rejected · δ_accepted) is made and kept if it is accepted too.
+  rejected trial leaves the parameters as they were; the damping search of :class:`.damping.DampingSearch`
+  picks the next δ, and the solve is warm-started from the solution of the nearest damping tried at this
+  point (from 0 where that is no nearer). The smallest accepted damping is kept, within a factor √2.
   On the default digits study every first trial at δ = 0 had ρ between −1.5 and −31, and the smallest
-  accepted damping left the median residual influence closest to the oracle's (η = 0.25: 0.16–0.18
-  higher). ρ measures the retain objective: it guards the retained fit, and it does not locate the
+  accepted damping left the median residual influence closer to the oracle's than η = 0.25 did
+  (benchmarks/RESULTS.md). ρ measures the retain objective: it guards the retained fit, and it does not locate the
   oracle on a deep net. On the 51k-sample CNN of benchmarks/ the undamped step was accepted (ρ = 0.034)
   and over-shot the targets (median RI −1.3), and the K-FAC steps that matched the oracle best there
   increase Φ and are rejected (benchmarks/RESULTS.md).
@@ -32,7 +32,10 @@ predicts with the decrease measured on the samples S:
   kfac / ekfac are kept across the trials at one point. After an accepted step the preconditioner and
   the Kronecker factors are kept while the model held (ρ ≥ RHO_CONTINUE), exact's matrix never.
 - Budget: ``budget_seconds`` and ``budget_passes`` (passes over S: one per curvature product, gradient
-  or loss evaluation, the Kronecker fits' passes included) are checked before each trial.
+  or loss evaluation, the Kronecker fits' passes included) are checked before each trial; the best step
+  accepted at the point so far is then kept.
+- An exception (an interrupt, a failing solve) puts the parameters back at θ₀ before it propagates: the
+  model is never left between two accepted states.
 - A non-finite step or objective counts as a rejection; ``trust_region=False`` accepts every finite
   trial (ρ is still measured and reported).
 """
@@ -48,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .curvature import CurvatureOperator
-from .damping import DampingChoice, curvature_scale, lowered, raised
+from .damping import DampingChoice, DampingSearch, curvature_scale, lowered
 from .retain_objective import RetainObjective
 from .solvers import SolveResult, SolverWarning, solve_operator
 from .vectors import flat_params
@@ -56,7 +59,7 @@ from .vectors import flat_params
 RHO_ACCEPT = 0.0
 RHO_CONTINUE = 0.75
 AUTO_MAX_STEPS = 10     # steps="auto" stops after this many accepted steps
-MAX_REJECTIONS = 24     # consecutive rejections at one point before giving up (δ grows 2^24 past s)
+MAX_REJECTIONS = 24     # rejections at one point before giving up (δ grows 2^23 past s)
 ROUNDING = 10           # |predicted| and |actual| below ROUNDING·eps·|L_S|: ρ is rounding noise (Conn, Gould & Toint 2000, §17.4.2)
 GRAD_TOL = 1e-3
 
@@ -113,97 +116,78 @@ class StepsOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-class _Point:
-    """The trials at one linearisation point: their solutions by damping, for warm starts and refining."""
-
-    def __init__(self) -> None:
-        self.solutions: dict[float, torch.Tensor] = {}
-        self.rejected: list[float] = []
-        self.refined = False
-
-    def start(self, damping: float) -> torch.Tensor | None:
-        if not self.solutions:
-            return None
-        nearest = min(self.solutions, key=lambda d: abs(math.log((d + 1e-300) / (damping + 1e-300))))
-        return self.solutions[nearest]
-
-
 def newton_steps(objective: RetainObjective, op: CurvatureOperator, spec: SolveSpec, policy: StepPolicy,
                  choice: DampingChoice, *, prepared: dict | None = None, progress: bool = False) -> StepsOutcome:
-    """Run the trust-region steps of the module doc on ``objective``'s parameters (in place).
+    """Run the trust-region steps of the module doc on ``objective``'s parameters (in place). On return the
+    parameters are at the last accepted point (θ₀ if none); an exception puts them back at θ₀ first.
     ``prepared``: what the first solve may reuse (``solve_operator``), e.g. a preconditioner built already."""
     out = StepsOutcome(damping=choice.value)
     params = objective.params
     theta = flat_params(params).clone()
     g, gnorm0 = objective.g0, float(objective.g0.norm())
     value, size = objective.value0, objective.loss0
-    delta, scale = choice.value, None
     prepared = {} if prepared is None else prepared
-    point = _Point()
-    pending: tuple[StepRecord, tuple[float, float], SolveResult] | None = None  # accepted, awaiting its refinement
+    scale: list[float] = []  # s, computed once, when a search first needs it
+
+    def curvature_size() -> float:
+        if not scale:
+            kronecker = prepared.get(spec.solver) if spec.solver in ("kfac", "ekfac") else None
+            scale.append(curvature_scale(op, kronecker=kronecker))
+            out.passes += 0 if kronecker is not None else 1
+        return scale[0]
+
     started = time.perf_counter()
     timing = {"solve": 0.0, "evaluate": 0.0}
+    start_damping = choice.value
     bar = tqdm(desc="influence steps", unit="trial", disable=not progress, leave=False)
     try:
         while True:
-            stop = "" if pending else _over_budget(policy, time.perf_counter() - started, objective.passes + out.passes)
-            if stop:
-                out.stopped = stop
-                break
-            tick = time.perf_counter()
-            op.set_damping(delta)
-            with warnings.catch_warnings():  # a trial's solver problems go into its record, not a warning each
-                warnings.simplefilter("ignore", SolverWarning)
-                result = solve_operator(op, (-g).unsqueeze(0), solver=spec.solver, tol=spec.tol, max_iter=spec.max_iter,
-                                        preconditioner=spec.preconditioner, preconditioner_options=spec.preconditioner_options,
-                                        x0=point.start(delta), prepared=prepared)
-            timing["solve"] += time.perf_counter() - tick
-            out.passes += result.iterations + (0 if result.approximate else 1)
-            tick = time.perf_counter()
-            record, trial_value = _trial(objective, op, spec, prepared, result, g, theta, value, size, delta,
-                                         out.accepted + 1, policy.trust_region)
-            timing["evaluate"] += time.perf_counter() - tick
-            out.records.append(record)
-            bar.update()
-            bar.set_postfix(damping=f"{delta:.2g}", rho=f"{record.rho:.3g}", accepted=out.accepted)
-            if torch.isfinite(result.solution).all():
-                point.solutions[delta] = result.solution[0]
-            lower = [d for d in point.rejected if 0 < d < delta]
-            if record.accepted and policy.trust_region and lower and not point.refined:
-                point.refined = True  # one refining trial between the largest rejected and this damping
-                pending = (record, trial_value, result)
+            search, starts = DampingSearch(start_damping, curvature_size), {}
+            while (delta := search.next()) is not None:
+                out.stopped = _over_budget(policy, time.perf_counter() - started, objective.passes + out.passes)
+                if out.stopped:
+                    break
+                tick = time.perf_counter()
+                op.set_damping(delta)
+                with warnings.catch_warnings():  # a trial's solver problems go into its record, not a warning each
+                    warnings.simplefilter("ignore", SolverWarning)
+                    result = solve_operator(op, (-g).unsqueeze(0), solver=spec.solver, tol=spec.tol, max_iter=spec.max_iter,
+                                            preconditioner=spec.preconditioner, preconditioner_options=spec.preconditioner_options,
+                                            x0=_nearest(starts, delta), prepared=prepared)
+                timing["solve"] += time.perf_counter() - tick
+                out.passes += result.iterations + (0 if result.approximate else 1)
+                tick = time.perf_counter()
+                record, trial_value = _trial(objective, op, spec, prepared, result, g, theta, value, size, delta,
+                                             out.accepted + 1, policy.trust_region)
                 _set(params, theta)
-                delta = math.sqrt(max(lower) * delta)
-                continue
-            if pending is not None:  # this trial refined an accepted one
-                first, pending = pending, None
-                if record.accepted:  # the smaller damping is kept
-                    first[0].accepted = False
-                    first[0].note = "; ".join(filter(None, [first[0].note, f"acceptable, superseded by the trial at damping {delta:.3g}"]))
-                else:  # back to the accepted trial
-                    record, trial_value, result = first
-                    _set(params, theta + result.solution[0].to(theta.dtype))
-            elif not record.accepted:
-                _set(params, theta)
-                if not policy.trust_region:
+                timing["evaluate"] += time.perf_counter() - tick
+                out.records.append(record)
+                bar.update()
+                bar.set_postfix(damping=f"{delta:.2g}", rho=f"{record.rho:.3g}", accepted=out.accepted)
+                if torch.isfinite(result.solution).all() and not result.indefinite:
+                    starts[delta] = result.solution[0]
+                search.add(delta, record.accepted, (record, trial_value, result))
+                if not policy.trust_region and not record.accepted:
                     out.stopped = f"{record.note} at step {out.accepted + 1}, and trust_region=False retries nothing"
                     break
-                point.rejected.append(delta)
-                if len(point.rejected) > MAX_REJECTIONS:
-                    out.stopped = f"rejected: {len(point.rejected)} trials in a row at step {out.accepted + 1}"
+                if not policy.trust_region:
                     break
-                if scale is None and delta == 0:
-                    kronecker = prepared.get(spec.solver) if spec.solver in ("kfac", "ekfac") else None
-                    scale = curvature_scale(op, kronecker=kronecker)
-                    out.passes += 0 if kronecker is not None else 1
-                delta = raised(delta, scale or 0.0)
-                continue
-            delta = record.damping
+                if len(search.rejected) >= MAX_REJECTIONS:
+                    out.stopped = f"rejected: {len(search.rejected)} trials in a row at step {out.accepted + 1}"
+                    break
+            if not search.accepted:
+                break
+            delta, (record, trial_value, result) = search.best()
+            for other, (kept, _, _) in search.accepted.items():
+                if other != delta:
+                    kept.accepted = False
+                    kept.note = "; ".join(filter(None, [kept.note, f"acceptable, superseded by the trial at damping {delta:.3g}"]))
+            _set(params, theta + result.solution[0].to(theta.dtype))
             theta = flat_params(params).clone()
             value, size = trial_value
             out.accepted += 1
             out.damping, out.last = delta, result
-            if _done(out, policy, record, choice.value):
+            if out.stopped or _done(out, policy, record, search.intervened):
                 break
             tick = time.perf_counter()
             g = objective.gradient()
@@ -212,15 +196,24 @@ def newton_steps(objective: RetainObjective, op: CurvatureOperator, spec: SolveS
             if out.gradient_norm <= policy.grad_tol:
                 out.stopped = f"converged: ‖∇Φ‖ = {out.gradient_norm:.2g} × its start (grad_tol {policy.grad_tol:g})"
                 break
-            if record.rho >= RHO_CONTINUE:
-                delta = lowered(delta, scale, op.weight_decay)
-            _new_point(prepared, keep_models=record.rho >= RHO_CONTINUE)
-            point = _Point()
+            held = record.rho >= RHO_CONTINUE and not search.intervened
+            start_damping = lowered(delta, scale[0] if scale else None, op.weight_decay) if held else delta
+            _new_point(prepared, keep_models=held)
+    except BaseException:
+        _set(params, objective.theta0)
+        raise
     finally:
         bar.close()
-        _set(params, theta)
+    _set(params, theta)
     out.seconds = dict(timing)
     return out
+
+
+def _nearest(starts: dict[float, torch.Tensor], damping: float) -> torch.Tensor | None:
+    """The solution of the trial at this point whose damping is nearest (in ratio) to ``damping``, for a warm start."""
+    if not starts:
+        return None
+    return starts[min(starts, key=lambda d: abs(math.log((d + 1e-300) / (damping + 1e-300))))]
 
 
 def _new_point(prepared: dict, keep_models: bool) -> None:
@@ -263,8 +256,8 @@ def _trial(objective: RetainObjective, op: CurvatureOperator, spec: SolveSpec, p
         rho, note = -math.inf, f"negative curvature at damping {delta:.3g}: the curvature is indefinite there"
     elif not math.isfinite(trial):
         rho, note = -math.inf, "non-finite objective"
-    elif predicted <= 0:
-        rho, note = -math.inf, "the quadratic model predicts no decrease"
+    elif not math.isfinite(predicted) or predicted <= 0:
+        rho, note = -math.inf, f"the quadratic model predicts {'no' if predicted <= 0 else 'a non-finite'} decrease"
     else:
         rho = actual / predicted
         noise = ROUNDING * torch.finfo(theta.dtype).eps * max(size, trial_size)
@@ -272,7 +265,7 @@ def _trial(objective: RetainObjective, op: CurvatureOperator, spec: SolveSpec, p
             rho, note = 1.0, "decrease below rounding: taken as ρ = 1"
     if result.message and not result.converged and not result.approximate and not result.indefinite:
         note = "; ".join(filter(None, [note, result.message]))
-    accepted = math.isfinite(trial) and (rho > RHO_ACCEPT or not trust_region)
+    accepted = math.isfinite(trial) and math.isfinite(predicted) and (rho > RHO_ACCEPT or not trust_region)
     return StepRecord(rho=rho, predicted=predicted, actual=actual, step_norm=float(step.norm()), accepted=accepted,
                       note=note, **base), (trial, trial_size)
 
@@ -288,21 +281,18 @@ def _model_product(op: CurvatureOperator, spec: SolveSpec, prepared: dict, resul
     return float(step.double() @ (-g - residual).double()) - delta * float(step.double().pow(2).sum())
 
 
-def _done(out: StepsOutcome, policy: StepPolicy, record: StepRecord, first_damping: float) -> bool:
+def _done(out: StepsOutcome, policy: StepPolicy, record: StepRecord, intervened: bool) -> bool:
     """Whether the steps end after an accepted one (module doc); sets ``out.stopped``."""
     if isinstance(policy.steps, int):
         if out.accepted >= policy.steps:
             out.stopped = f"steps: {policy.steps} accepted"
             return True
         return False
-    if record.damping > first_damping:
-        out.stopped = (f"the Newton step did not hold: the trust region raised the damping from {first_damping:.3g} to "
-                       f"{record.damping:.3g} at step {out.accepted}; further steps would follow the retain objective "
-                       "away from the trained model")
-        return True
-    if record.rho < RHO_CONTINUE:
-        out.stopped = (f"the Newton step did not hold: ρ = {record.rho:.3g} < {RHO_CONTINUE} at step {out.accepted}; "
-                       "further steps would follow the retain objective away from the trained model")
+    if intervened or record.rho < RHO_CONTINUE:
+        why = (f"the trust region rejected trials and settled at damping {record.damping:.3g}" if intervened
+               else f"ρ = {record.rho:.3g} < {RHO_CONTINUE}")
+        out.stopped = (f"the Newton step did not hold at step {out.accepted} ({why}); further steps would follow "
+                       "the retain objective away from the trained model")
         return True
     if out.accepted >= AUTO_MAX_STEPS:
         out.stopped = f"steps: {AUTO_MAX_STEPS} accepted (the most steps='auto' takes)"

@@ -39,7 +39,7 @@ from ..validation import check_bool, check_choice, check_number, check_positive_
 from .curvature import CURVATURES, CurvatureOperator
 from .damping import check_damping, initial_damping
 from .retain_objective import GRADIENTS, RetainObjective
-from .solvers import SolverWarning, check_solver_arguments
+from .solvers import PRECONDITIONERS, SolverWarning, check_solver_arguments
 from .trust_region import GRAD_TOL, SolveSpec, StepPolicy, StepRecord, newton_steps
 from .vectors import flat_params, trainable
 from .woodbury import woodbury_preconditioner
@@ -112,9 +112,17 @@ def check_influence_options(options: dict[str, Any]) -> None:
     """Check every option of ``influence_unlearn`` that is present in ``options`` before any work (also run
     through the method registry by a study or tune before any model is trained)."""
     solver, preconditioner = options.get("solver", "cg"), options.get("preconditioner")
-    if preconditioner == AUTO:  # its options are the Woodbury preconditioner's
-        preconditioner = "woodbury" if solver == "cg" or options.get("preconditioner_options") else None
+    check_choice(preconditioner, (AUTO, None, *PRECONDITIONERS), "preconditioner")
+    if preconditioner == AUTO:  # its options are the Woodbury preconditioner's, and only cg takes one
+        if options.get("preconditioner_options") and solver != "cg":
+            raise ValueError(f"preconditioner_options={options['preconditioner_options']!r} set cg's preconditioner; "
+                             f"solver={solver!r} takes none: leave preconditioner_options=None")
+        preconditioner = "woodbury" if solver == "cg" else None
     check_solver_arguments(solver, preconditioner, None, options.get("preconditioner_options"))
+    if "tol" in options:
+        check_number(options["tol"], "tol", low=0.0, low_open=True)
+    if "max_iter" in options:
+        check_positive_int(options["max_iter"], "max_iter")
     for name, valid in (("curvature", CURVATURES), ("gradient", GRADIENTS), ("on_reject", ON_REJECT)):
         if name in options:
             check_choice(options[name], valid, name)
@@ -153,7 +161,7 @@ def newton_unlearn(model: nn.Module, ctx: TrainingContext, ids: list[int], *, so
                                  preconditioner_options=preconditioner_options, gradient=gradient, steps=steps,
                                  trust_region=trust_region, grad_tol=grad_tol, budget_seconds=budget_seconds,
                                  budget_passes=budget_passes, on_reject=on_reject, curvature_samples=curvature_samples,
-                                 seed=seed, batch_size=batch_size))
+                                 seed=seed, batch_size=batch_size, tol=tol, max_iter=max_iter))
     retain = ctx.retain_ids(ids)
     if not retain:
         raise ValueError("forget_ids cover the whole training set: nothing would be left to define the model")

@@ -74,7 +74,9 @@ def influence_unlearn(
             reject a step with ρ ≤ 0 (raising the damping and solving again). False accepts every finite step.
         grad_tol: relative gradient norm at which ``steps`` stop.
         budget_seconds, budget_passes: stop before a trial once this much time, or this many passes over
-            the measured samples (curvature products, gradients, loss evaluations), was spent.
+            the measured samples (curvature products, gradients, loss evaluations), was spent; the best step
+            accepted so far is kept. Counted from the first trial (the first gradient pass counts in the
+            passes; building the preconditioner comes before either).
         on_reject: when no step is accepted the model is left unchanged and this says whether to "raise"
             a ValueError (default) or "warn" (UnlearnWarning) and return the report, whose ``stopped`` says why.
         layers: restrict the steps to the parameters of these named modules.
