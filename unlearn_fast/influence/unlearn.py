@@ -48,7 +48,7 @@ ON_REJECT = ("raise", "warn")
 # preconditioner="auto" (influence_unlearn's default): the Woodbury preconditioner for cg on the GGN or the
 # Fisher, built once at the first damping and kept for the trust region's re-solves; none where it does
 # not apply (another solver, the Hessian) or cannot be built (a layer without a per-layer rule, memory).
-# On the default digits study it made the steps 2.5-4.6x faster, on the 51k-sample CNN of benchmarks/
+# On the digits study (three weight decays) it made the steps 2.7-3.5x faster, on the 51k-sample CNN of benchmarks/
 # 4.3x (benchmarks/RESULTS.md), with the same steps to the solves' tolerance; on logistic regression,
 # where plain cg needs few iterations, building it costs ~0.1 s more than it saves.
 AUTO = "auto"
