@@ -270,3 +270,25 @@ def test_hessian_negative_curvature_raises_the_damping(breast_cancer_logistic, t
     m = uf.attach(copy.deepcopy(model), data, "cross_entropy", weight_decay=LOGISTIC_LAMBDA)
     convex = uf.influence_unlearn(m, forget, curvature="hessian", device="cpu", progress=False)
     assert convex.trials[0].accepted and convex.damping == 0 and convex.stopped.startswith("converged")
+
+
+def test_trials_keep_the_curvature_operators_caches(trained_mlp, small_digits):
+    """A trial point and the return from it are written without version bumps: back at the same bits,
+    the operator keeps its cached graphs; an accepted step's versioned write makes it rebuild them."""
+    model = copy.deepcopy(trained_mlp)
+    ctx = get_context(model)
+    x, y = ctx.tensors()
+    params = trainable(model)
+    op = CurvatureOperator(model, "cross_entropy", (x, y), kind="ggn", weight_decay=ctx.weight_decay)
+    v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0))
+    first = op.matvec(v)
+    cache = op._ggn_cache
+    assert cache
+    theta = torch.cat([p.detach().reshape(-1) for p in params.values()]).clone()
+    trust_region._set(params, theta + 0.1, trial=True)
+    trust_region._set(params, theta, trial=True)
+    torch.testing.assert_close(op.matvec(v), first, rtol=0, atol=0)
+    assert op._ggn_cache is cache
+    trust_region._set(params, theta + 0.1)
+    op.matvec(v)
+    assert op._ggn_cache is not cache

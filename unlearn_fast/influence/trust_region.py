@@ -159,7 +159,7 @@ def newton_steps(objective: RetainObjective, op: CurvatureOperator, spec: SolveS
                 tick = time.perf_counter()
                 record, trial_value = _trial(objective, op, spec, prepared, result, g, theta, value, size, delta,
                                              out.accepted + 1, policy.trust_region)
-                _set(params, theta)
+                _set(params, theta, trial=True)
                 timing["evaluate"] += time.perf_counter() - tick
                 out.records.append(record)
                 bar.update()
@@ -248,7 +248,7 @@ def _trial(objective: RetainObjective, op: CurvatureOperator, spec: SolveSpec, p
                           note="non-finite step", **base), (math.nan, math.nan)
     curved = _model_product(op, spec, prepared, result, step, g, delta)
     predicted = -float(g.double() @ step.double()) - 0.5 * curved
-    _set(objective.params, theta + step)
+    _set(objective.params, theta + step, trial=True)
     trial, trial_size = objective.value()
     actual = value - trial
     note = ""
@@ -300,12 +300,15 @@ def _done(out: StepsOutcome, policy: StepPolicy, record: StepRecord, intervened:
     return False
 
 
-def _set(params: dict, flat: torch.Tensor) -> None:
-    """Write the flat vector [P] into the parameters (in ``params`` order)."""
+def _set(params: dict, flat: torch.Tensor, *, trial: bool = False) -> None:
+    """Write the flat vector [P] into the parameters (in ``params`` order). ``trial``: a trial point or the
+    return from one, written through ``.data`` so that the version counters stay: the curvature operator
+    then finds the parameters bit-identical after the return and keeps its cached graphs and factors (it
+    compares the contents too), where a versioned write would make it rebuild them for every trial."""
     with torch.no_grad():
         start = 0
         for p in params.values():
-            p.copy_(flat[start:start + p.numel()].view_as(p))
+            (p.data if trial else p).copy_(flat[start:start + p.numel()].view_as(p))
             start += p.numel()
 
 
