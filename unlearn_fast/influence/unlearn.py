@@ -37,7 +37,7 @@ from torch import nn
 from ..context import TrainingContext, set_context
 from ..validation import check_bool, check_choice, check_number, check_positive_int, resolve_device
 from .curvature import CURVATURES, CurvatureOperator
-from .damping import check_damping, initial_damping
+from .damping import AUTO, check_damping, initial_damping
 from .retain_objective import GRADIENTS, RetainObjective
 from .solvers import PRECONDITIONERS, SolverWarning, check_solver_arguments
 from .trust_region import GRAD_TOL, SolveSpec, StepPolicy, StepRecord, newton_steps
@@ -50,8 +50,8 @@ ON_REJECT = ("raise", "warn")
 # not apply (another solver, the Hessian) or cannot be built (a layer without a per-layer rule, memory).
 # On the digits study (three weight decays) it made the steps 2.7-3.5x faster, on the 51k-sample CNN of benchmarks/
 # 4.3x (benchmarks/RESULTS.md), with the same steps to the solves' tolerance; on logistic regression,
-# where plain cg needs few iterations, building it costs ~0.1 s more than it saves.
-AUTO = "auto"
+# where plain cg needs few iterations, building it costs ~0.1 s more than it saves. (The name is
+# damping's AUTO: one spelling of "auto" for every option of influence_unlearn.)
 
 
 class UnlearnWarning(RuntimeWarning):
@@ -94,14 +94,9 @@ class UnlearnReport:
     passes: float = 0.0
     preconditioner: str = ""
 
-    @property
-    def rhos(self) -> list[float]:
-        """ρ of every trial, in order."""
-        return [t.rho for t in self.trials]
-
 
 def _check_steps(steps: Any) -> int | str:
-    if isinstance(steps, str) and steps == "auto":
+    if isinstance(steps, str) and steps == AUTO:
         return steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} is not valid; valid choices: 'auto' or a whole number >= 1")
