@@ -5,6 +5,7 @@
     python benchmarks/influence_policies.py policies   # trust-region variants on the study conditions
     python benchmarks/influence_policies.py noise      # RI of a retraining that only shuffles differently
     python benchmarks/influence_policies.py limit      # the retain objective minimised to convergence (L-BFGS)
+    python benchmarks/influence_policies.py scale      # one step at multiples of the curvature's mean eigenvalue
 
 The study conditions are the default study's (digits-blockmask, MLP recipe, seeds 0-2): the 50 targets
 at C=0, and at C=10 the targets plus the near-duplicates ``find_similar`` adds (the +similar row).
@@ -208,16 +209,42 @@ def run_limit(dampings: list[float]) -> None:
     summarise(rows)
 
 
+def run_scale(multiples: list[float]) -> None:
+    """One unchecked step at δ = c·s, s = tr(C)/P the GGN's mean eigenvalue on the retain samples: kronfluence's
+    default damping is c = 0.1 of that mean (its ``damping_factor``, applied to the mean eigenvalue)."""
+    from unlearn_fast.influence.curvature import CurvatureOperator
+    from unlearn_fast.influence.damping import curvature_scale
+
+    rows: dict[tuple, list[dict]] = {}
+    for row, seed, data, original, oracle, ids, _ in conditions():
+        ctx = get_context(original)
+        x, y = ctx.tensors()
+        keep = torch.as_tensor(ctx.retain_ids(ids))
+        scale = curvature_scale(CurvatureOperator(original, ctx.loss, (x[keep], y[keep]), kind="ggn",
+                                                  weight_decay=ctx.weight_decay, device="cpu"))
+        for multiple in multiples:
+            m = copy.deepcopy(original)
+            report = uf.influence_unlearn(m, ids, damping=multiple * scale, trust_region=False, steps=1, device="cpu",
+                                          progress=False)
+            q = {**quality(m, data, original, oracle), "rho": report.trials[0].rho}
+            rows.setdefault((row, f"damping {multiple:g}·s"), []).append(q)
+            print(f"{row} seed {seed} s {scale:.3g} damping {multiple:g}·s = {multiple * scale:.3g}: ρ {q['rho']:.3f} "
+                  f"RI median {q['residual_influence_median']:+.3f}", flush=True)
+    summarise(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["convex", "sweep", "policies", "noise", "limit"])
+    parser.add_argument("what", choices=["convex", "sweep", "policies", "noise", "limit", "scale"])
     parser.add_argument("--weight-decay", type=float, default=None, help="sweep, policies: retrain the originals with this λ")
     parser.add_argument("--dampings", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3])
+    parser.add_argument("--multiples", type=float, nargs="+", default=[0.01, 0.1, 1.0], help="scale: δ = multiple · tr(C)/P")
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     {"convex": run_convex, "policies": lambda: run_policies(args.weight_decay), "noise": run_noise,
-     "sweep": lambda: run_sweep(args.weight_decay, args.dampings), "limit": lambda: run_limit(args.dampings)}[args.what]()
+     "sweep": lambda: run_sweep(args.weight_decay, args.dampings), "limit": lambda: run_limit(args.dampings),
+     "scale": lambda: run_scale(args.multiples)}[args.what]()
 
 
 if __name__ == "__main__":
