@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 from ..context import TrainingContext
+from ..similarity.find import AUTO, default_threshold, find_similar, resolve_method
 from ..similarity.find import METHODS as SIMILAR_METHODS
-from ..similarity.find import default_method, default_threshold, find_similar
 from ..validation import check_choice, check_ids, check_number
 
 SIMILAR_ACTIONS = ("remove", "report")
-AUTO = "auto"
 # In a study's method list (and so in its records), "x+similar" names method x run with similar="auto".
 SIMILAR_SUFFIX = "+similar"
 
@@ -90,10 +89,11 @@ def expand(model: nn.Module, ctx: TrainingContext, targets: list[int], similar: 
     """Find the near-duplicates of ``targets`` in ``ctx.data`` and decide which ids to add.
 
     ``similar`` is a threshold or "auto" (find.py's ``default_threshold`` for the method and the
-    kind of data); ``method`` "auto" is find.py's ``default_method`` for the data; ``model`` supplies features or gradients for the "embedding" and "gradient"
-    methods. Assumes validated arguments (:func:`check_similar_options`, checked ``targets``).
+    kind of data); ``method`` "auto" resolves as in find_similar (find.py's ``resolve_method``);
+    ``model`` supplies features or gradients for the "embedding" and "gradient" methods. Assumes
+    validated arguments (:func:`check_similar_options`, checked ``targets``).
     """
-    method = default_method(ctx.data) if method == AUTO else method
+    method = resolve_method(method, ctx.data)
     search_model = model if method in MODEL_METHODS else None
     # The same data kind find_similar derives: the context's data is always a Dataset of tensors.
     threshold = default_threshold(method, "model" if search_model is not None else "inputs") if similar == AUTO else float(similar)

@@ -19,7 +19,8 @@ Three ways to compare, one answer format ``{query id: [(train id, score), ...]}`
 Default thresholds: :data:`DEFAULT_THRESHOLDS`; the calibration that chose them: :mod:`.calibration`.
 On digits-blockmask none of the cosines tells block-masked copies from ordinary look-alike digits
 well (F1-best precision ≈ 0.1), while MinHash over the exact entries does (precision and recall ≈ 1):
-see the figures beside the table. :func:`default_method` picks "minhash" for texts and images.
+see the figures beside the table. The default method, ``"auto"``, is :func:`default_method`:
+"minhash" for images, "embedding" for texts (MiniLM) and for vectors.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from .minhash import candidate_pairs, exact_jaccard, lsh_params, minhash_signatu
 from .text import text_features
 
 METHODS = ("embedding", "minhash", "gradient")
+# method="auto" (find_similar's default, and similar_method's in methods/expansion.py): default_method's pick.
+AUTO = "auto"
 Found = dict[int, list[tuple[int, float]]]
 Pairs = tuple[np.ndarray, np.ndarray, np.ndarray]  # (query rows [M], train ids [M], scores [M])
 
@@ -144,12 +147,39 @@ def _load(data: Any, model: Any) -> tuple[str, Any, torch.Tensor | None]:
     return "tensor", inputs, labels
 
 
+def _auto_method(kind: str, items: Any) -> str:
+    """default_method's rule on data already loaded by _load (see default_method for the figures)."""
+    return "minhash" if kind == "tensor" and items.dim() >= 3 else "embedding"
+
+
 def default_method(data_or_vectors: Any, model: Any = None) -> str:
-    """The method whose defaults reach the best measured precision/recall on this kind of data:
-    "minhash" for texts and for images (a tensor/dataset of inputs with ≥ 2 dims per sample, such
-    as [N, C, H, W]), "embedding" for vectors [N, d] (already embedded: cosine is their measure)."""
+    """The method whose defaults reach the best measured precision/recall on this kind of data, which
+    ``method="auto"`` (find_similar's default) resolves to. Measured on held-out seeds 3 and 4
+    (the tables beside DEFAULT_THRESHOLDS, from ``python -m unlearn_fast.similarity.calibration``):
+
+    - images (a tensor/dataset of inputs with ≥ 2 dims per sample, such as [N, C, H, W]): "minhash",
+      precision/recall 1.000/1.000 and 1.000/0.996 on digits-blockmask, where the cosine of raw
+      pixels reaches 0.10/0.23-0.28, of a trained MLP's features 0.09-0.22/0.20-0.27 and of its
+      gradients ≤ 0.15 precision. It scores the data alone, with no model: given a model trained by
+      :func:`unlearn_fast.train` and ``data_or_vectors=None``, it still picks "minhash" and the
+      model only supplies its recorded training data.
+    - texts: "embedding" (MiniLM), 1.000/0.992 and 0.992/1.000 on text_near_duplicates' edited copies
+      and paraphrases together. "minhash" reaches 0.966/0.950 and 0.983/0.983 on the edited copies
+      alone and misses the paraphrases (recall 0.48 on both kinds together), while MiniLM keeps
+      ≥ 0.98/1.000 on the edited copies alone. MiniLM needs the ``text`` extra (ImportError with the
+      install command without it); pass method="minhash" to do without.
+    - vectors [N, d] (already embedded, cosine is their measure): "embedding".
+
+    ``model`` is used only to find the data when ``data_or_vectors`` is None.
+    """
     kind, items, _ = _load(data_or_vectors, model)
-    return "minhash" if kind == "text" or items.dim() >= 3 else "embedding"
+    return _auto_method(kind, items)
+
+
+def resolve_method(method: str, data_or_vectors: Any, model: Any = None) -> str:
+    """``method`` checked against "auto" and METHODS, with "auto" replaced by :func:`default_method`."""
+    method = check_choice(method, (AUTO, *METHODS), "method")
+    return default_method(data_or_vectors, model) if method == AUTO else method
 
 
 def _entry_tokens(inputs: torch.Tensor) -> list[str]:
@@ -170,11 +200,16 @@ def _entry_tokens(inputs: torch.Tensor) -> list[str]:
     return out
 
 
-def _check_options(method: str, kind: str, model: Any, loss: Any, layer: Any, labels: torch.Tensor | None) -> None:
-    """Rejects combinations that the method cannot use, rather than silently ignoring an argument."""
+def _check_options(method: str, kind: str, model: Any, loss: Any, layer: Any, labels: torch.Tensor | None,
+                   model_is_data: bool, auto: bool) -> None:
+    """Rejects combinations that the method cannot use, rather than silently ignoring an argument.
+    ``model_is_data``: the model only supplies its recorded training data (data_or_vectors=None);
+    ``auto``: ``method`` is what "auto" picked."""
     if method == "minhash":
-        if model is not None or layer is not None:
-            raise ValueError("method='minhash' takes no model or layer")
+        if (model is not None and not model_is_data) or layer is not None:
+            picked = "method='auto' picked 'minhash' for these images, which" if auto else "method='minhash'"
+            raise ValueError(f"{picked} takes no model or layer (it compares the data alone); drop "
+                             "model=/layer=, or pass method='embedding' or 'gradient' to score with the model")
     if method == "gradient":
         if not isinstance(model, nn.Module):
             raise ValueError(f"method='gradient' needs model= the trained torch.nn.Module, got {type(model).__name__}")
@@ -273,7 +308,7 @@ def _collect(pairs: Pairs, query: list[int], threshold: float, k: int | None, ma
     return {qid: list(zip(i.tolist(), s.tolist())) for qid, (i, s) in zip(query, capped.results())}
 
 
-def find_similar(data_or_vectors: Any, ids: Sequence[int] | np.ndarray | torch.Tensor, *, threshold: float | None = None, method: str = "embedding",
+def find_similar(data_or_vectors: Any, ids: Sequence[int] | np.ndarray | torch.Tensor, *, threshold: float | None = None, method: str = AUTO,
                  model: nn.Module | str | os.PathLike[str] | None = None, loss: Any = None, layer: Any = None,
                  k: int | None = None, max_results: int | None = None, batch_size: int = 256,
                  device: str | torch.device = "auto", progress: bool = True) -> Found:
@@ -288,10 +323,16 @@ def find_similar(data_or_vectors: Any, ids: Sequence[int] | np.ndarray | torch.T
             array or 1-D integer tensor.
         threshold: keep scores ≥ threshold. Cosine ("embedding", "gradient") in [-1, 1]; Jaccard
             ("minhash") in (0, 1]. Default: :data:`DEFAULT_THRESHOLDS` for the method and kind of data.
-        method: "embedding", "minhash" (texts, or tensors by their exact non-zero entries) or
-            "gradient" (needs ``model`` and labels); :func:`default_method` says which suits the data.
+        method: "auto" (default), "embedding", "minhash" (texts, or tensors by their exact non-zero
+            entries) or "gradient" (needs ``model`` and labels). "auto" is :func:`default_method`, the
+            calibrated best (:mod:`.calibration`, the tables beside DEFAULT_THRESHOLDS): "minhash" for
+            images (digits-blockmask held out: precision/recall 1.000/≥ 0.996, against ≤ 0.22/≤ 0.28 for
+            the cosines of pixels or of a trained MLP's features), "embedding" for texts (MiniLM:
+            ≥ 0.99/≥ 0.99 on edited copies and paraphrases) and for vectors [N, d].
         model: "embedding": the torch model whose features embed tensors (None: raw inputs), or for
             texts a sentence-transformers folder (None: the bundled MiniLM). "gradient": the trained model.
+            With ``data_or_vectors=None``, a model trained by :func:`unlearn_fast.train` supplies its
+            recorded training data, for every method ("minhash" included, which then ignores it).
         loss: "gradient" only; default the loss recorded on the model, else "cross_entropy".
         layer: "embedding": the module whose input is the feature (name or module; default the last
             nn.Linear). "gradient": module name(s) whose parameters the gradients cover (default all).
@@ -307,12 +348,14 @@ def find_similar(data_or_vectors: Any, ids: Sequence[int] | np.ndarray | torch.T
         (two targets may be near-duplicates of each other), so callers forgetting all the queries
         can drop them, while callers asking about each target alone keep the whole picture.
     """
-    method = check_choice(method, METHODS, "method")
-    kind, items, labels = _load(data_or_vectors, model)
+    auto = check_choice(method, (AUTO, *METHODS), "method") == AUTO
+    kind, items, labels = _load(data_or_vectors, model)  # once: "auto" resolves on the loaded data
+    method = _auto_method(kind, items) if auto else method
     n = len(items)
     query = check_ids(ids, n, "ids")
-    _check_options(method, kind, model, loss, layer, labels)
-    data_kind = kind if kind == "text" else ("model" if model is not None else "inputs")
+    _check_options(method, kind, model, loss, layer, labels, model_is_data=data_or_vectors is None, auto=auto)
+    # MinHash scores the data alone: a model that only supplied the data does not make it "model" data.
+    data_kind = kind if kind == "text" else ("model" if model is not None and method != "minhash" else "inputs")
     if threshold is None:
         threshold = default_threshold(method, data_kind)
     low, high, low_open = _range(method)
@@ -333,4 +376,4 @@ def find_similar(data_or_vectors: Any, ids: Sequence[int] | np.ndarray | torch.T
     return _collect(pairs, query, threshold, k, max_results)
 
 
-__all__ = ["DEFAULT_THRESHOLDS", "METHODS", "default_method", "find_similar"]
+__all__ = ["AUTO", "DEFAULT_THRESHOLDS", "METHODS", "default_method", "find_similar", "resolve_method"]
