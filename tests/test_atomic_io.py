@@ -36,22 +36,3 @@ def test_mode_follows_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644
-
-
-def test_staged_files_replace_together_and_can_clear_what_was_not_produced(tmp_path):
-    (tmp_path / "a.txt").write_text("old a")
-    (tmp_path / "b.png").write_text("old figure")
-    (tmp_path / "mine.txt").write_text("not the study's")
-    with pytest.raises(RuntimeError):
-        with atomic_io.staged_files(tmp_path, ("a.txt", "b.png"), remove_missing=True) as staging:
-            atomic_io.write_text(staging / "a.txt", "new a")
-            raise RuntimeError("plotting failed")
-    assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "b.png").exists()  # failure: all intact
-    with atomic_io.staged_files(tmp_path, ("a.txt", "b.png")) as staging:
-        atomic_io.write_text(staging / "a.txt", "new a")
-    assert (tmp_path / "b.png").exists()  # by default an unproduced name is left alone
-    with atomic_io.staged_files(tmp_path, ("a.txt", "b.png"), remove_missing=True) as staging:
-        atomic_io.write_text(staging / "a.txt", "newer a")
-    assert (tmp_path / "a.txt").read_text() == "newer a" and not (tmp_path / "b.png").exists()
-    assert (tmp_path / "mine.txt").read_text() == "not the study's"
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".staging")] == []

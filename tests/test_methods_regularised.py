@@ -102,8 +102,8 @@ def test_capped_forget_term_has_no_gradient_past_the_cap():
 
 def test_graddiff_stays_finite_where_gradient_ascent_diverges(quick_task):
     ids = quick_task.forget_all  # 550 samples: targets and near-duplicates
-    ascent = uf.unlearn(quick_task.original, ids, "gradient_ascent", device="cpu", progress=False)
-    assert not all(torch.isfinite(p).all() for p in ascent.parameters())
+    with pytest.raises(FloatingPointError, match="method 'gradient_ascent' produced non-finite parameters"):
+        uf.unlearn(quick_task.original, ids, "gradient_ascent", device="cpu", progress=False)
     # gradient_ascent's lr and a forget weight ten times the default: the capped term still bounds it
     out = uf.unlearn(quick_task.original, ids, "graddiff", lr=0.05, forget_weight=10.0, device="cpu", progress=False)
     assert all(torch.isfinite(p).all() for p in out.parameters())

@@ -13,6 +13,7 @@ from scipy import stats
 
 from unlearn_fast.report import build_report, format_table, plot_accuracies, plot_residual_influence, summarize
 from unlearn_fast.report import markdown as report_markdown
+from unlearn_fast.report.summary import RESULTS_SCHEMA_VERSION
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ["original", "retrain", "oracle", "finetune", "gradient_ascent"]
@@ -31,7 +32,7 @@ def _records() -> list[dict]:
         for c in (10, 0):
             for m in METHODS:
                 recs.append({
-                    "dataset": "digits-blockmask", "method": m, "seed": seed, "similar": c, "targets": 20,
+                    "schema_version": RESULTS_SCHEMA_VERSION, "dataset": "digits-blockmask", "method": m, "seed": seed, "similar": c, "targets": 20,
                     "model": "mlp", "seconds": 1.0 + seed, "target_acc": 1.0 - 0.1 * seed,
                     "similar_acc": None if c == 0 else 0.9, "retain_acc": 1.0, "test_acc": 0.97,
                     "mia_auc": 0.7, "residual_influence": RI[(c, m)][seed], "ri_targets_used": 12,
@@ -187,8 +188,6 @@ def test_partial_results_list_the_missing_rows(tmp_path: Path) -> None:
 
 
 def test_results_from_another_schema_version_are_refused(tmp_path: Path) -> None:
-    from unlearn_fast.report.summary import RESULTS_SCHEMA_VERSION
-
     recs = _records()
     for r in recs:
         r["schema_version"] = RESULTS_SCHEMA_VERSION

@@ -190,17 +190,7 @@ def test_failed_trials_score_inf_and_keep_their_error(monkeypatch):
     monkeypatch.setattr(tune_module, "unlearn", diverge)
     trial = tune_module._run_trial("finetune", {"lr": 0.02}, [setup], torch.device("cpu"))
     assert trial.objective == math.inf and trial.error == "FloatingPointError: overflow"
-
-    monkeypatch.setattr(tune_module, "unlearn", lambda *args, **kwargs: _nan_linear())
-    trial = tune_module._run_trial("finetune", {"lr": 0.02}, [setup], torch.device("cpu"))
-    assert trial.objective == math.inf and "non-finite weights" in trial.error
-
-
-def _nan_linear() -> torch.nn.Module:
-    layer = torch.nn.Linear(2, 2)
-    with torch.no_grad():
-        layer.weight.fill_(math.nan)
-    return layer
+    # A non-finite result is unlearn's FloatingPointError (tests/test_no_silent_failures.py): the same path.
 
 
 def test_ties_go_to_the_defaults_and_all_failed_raises(monkeypatch, tmp_path):

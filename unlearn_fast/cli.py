@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,9 +120,17 @@ def _study(args: argparse.Namespace) -> int:
     summary = summarize(records)
     every = ordered_metrics(summary)
     print(format_table(summary, metrics=[m for m in CONSOLE_METRICS if m in every]))
-    print(f"\nwrote {Path(args.out) / 'results.json'}, results.csv, report.md and report.html "
-          f"(all {len(every)} metrics; here {sum(m in every for m in CONSOLE_METRICS)})")
+    print(f"\n{_wrote(Path(args.out))} (all {len(every)} metrics there; here {sum(m in every for m in CONSOLE_METRICS)})")
     return 0
+
+
+def _wrote(folder: Path) -> str:
+    """One line naming every file of the study folder's committed set, and the one to open."""
+    from .report.folder import MANIFEST_NAME, read_manifest
+    from .report.markdown import HTML_NAME
+
+    names = [*(read_manifest(folder) or {}), MANIFEST_NAME]
+    return f"wrote {folder}/: {', '.join(names)}; open {folder / HTML_NAME}"
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -156,25 +165,42 @@ def _list() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    # Everything, the parser's imports of torch included, runs inside the handlers: an interrupt at any
+    # point ends with one line and exit code 130, and a user error with one line and exit code 2.
     try:
+        args = _parser().parse_args(argv)
         if args.command == "study":
             return _study(args)
         if args.command == "tune":
             return _tune(args)
         if args.command == "report":
-            from .report import build_report
+            from .report.folder import rebuild_report
 
-            print(f"wrote {build_report(Path(args.dir))}")
+            folder = Path(args.dir)
+            rebuild_report(folder)
+            print(_wrote(folder))
             return 0
         return _list()
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"unlearn-fast: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, ArithmeticError) as exc:
+        # ArithmeticError: a method that diverged (FloatingPointError, naming it and its options).
+        message = " ".join([str(exc), *getattr(exc, "__notes__", [])])
+        print(f"unlearn-fast: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("unlearn-fast: interrupted; files written earlier are intact", file=sys.stderr)
+        print("unlearn-fast: interrupted; the output folder holds its earlier files, or the complete new set",
+              file=sys.stderr)
         return 130
 
 
+def console_main() -> int:
+    """The `unlearn-fast` command: :func:`main`, then SIGINT ignored for the rest of the process. Python
+    puts SIGINT back to its default action while it shuts down (torch and matplotlib teardown takes a
+    moment), and an interrupt there killed the process with no message and exit code -2 although the
+    work had finished; ignoring it keeps the exit code and message that main gave."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -8,6 +8,7 @@ they removed, so that deletion requests compose.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +46,7 @@ class TrainingContext:
     removed_ids: tuple[int, ...] = ()
     initial_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "TrainingContext":
         # The data and initial state are read-only references; copying them with every model copy
@@ -57,10 +59,29 @@ class TrainingContext:
             self._tensors = as_tensors(self.data)
         return self._tensors
 
+    def fingerprint(self) -> str:
+        """:func:`data_fingerprint` of ``data``, computed once per context."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.data)
+        return self._fingerprint
+
     def retain_ids(self, extra_removed: list[int] | tuple[int, ...] = ()) -> list[int]:
         """Train ids not removed, after also removing ``extra_removed``."""
         gone = set(self.removed_ids) | set(extra_removed)
         return [i for i in range(len(self.data)) if i not in gone]  # type: ignore[arg-type]
+
+
+def data_fingerprint(data: Any) -> str:
+    """SHA-256 (hex) of a training set's inputs and labels, with their dtypes and shapes: the same
+    samples in the same order give the same value, anything else (another seed's split, one changed
+    label) another. ``data`` is a map-style Dataset of (input, label) or a SimilarDataset (its train split)."""
+    dataset, _ = split_data(data)
+    digest = hashlib.sha256()
+    for tensor in as_tensors(dataset):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def get_context(model: nn.Module) -> TrainingContext:

@@ -25,6 +25,13 @@ class Entry(Generic[F]):
     check: Callable[[dict[str, Any]], None] | None = None  # raises on bad option values (all resolved)
 
 
+def summary_line(doc: str) -> str:
+    """A docstring's first paragraph as one line, without reST literal markup: the description that
+    listings show, never cut mid-sentence."""
+    paragraph = doc.strip().split("\n\n", 1)[0]
+    return " ".join(paragraph.split()).replace("``", "")
+
+
 class Registry(Generic[F]):
     """Name → callable table. ``kind`` names what it holds, for error messages."""
 
@@ -40,7 +47,7 @@ class Registry(Generic[F]):
         def decorate(fn: F) -> F:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            doc = description or (inspect.getdoc(fn) or "").split("\n", 1)[0]
+            doc = description or summary_line(inspect.getdoc(fn) or "")
             self._entries[name] = Entry(name, fn, dict(defaults), doc, check)
             return fn
 

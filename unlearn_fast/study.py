@@ -8,10 +8,9 @@ evaluates all of them against the ``original`` and ``oracle`` references. Record
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,6 +28,9 @@ from .evaluate.reconstruction import RECONSTRUCTION_METRICS
 from .methods import METHODS, unlearn
 from .methods.expansion import SIMILAR_SUFFIX, expansion_quality, similar_base
 from .models import build_model
+from .report.folder import SET_NAME as STUDY_SET
+from .report.folder import write_study_folder
+from .report.markdown import RESULTS_NAME
 from .report.summary import RESULTS_SCHEMA_VERSION
 from .shadows import MAX_SHADOWS
 from .shadows import evidence as shadow_evidence, method_phi, shadow_phi, train_shadows
@@ -229,20 +231,26 @@ def run_study(
         raise ValueError("similar is empty; give at least one near-duplicate count C (0 = the control)")
     for c in conditions:
         check_positive_int(c, "similar", minimum=0, hint="each near-duplicate count C must be >= 0")
-    out_dir = _prepare_out(out)
     dev = resolve_device(device)
+    out_dir = None if out is None else atomic_io.check_writable_folder(out, "--out")
 
     _warm_up(dataset, options, dev)
     records: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
     total = seeds * len(conditions) * (len(method_names) + _shadow_work(method_names, shadows))
     with tqdm(total=total, desc=f"study {dataset}", unit="model", disable=not progress) as bar:
-        for seed in range(seeds):
-            for copies in conditions:
-                rows, detail = _run_one_condition(dataset, seed, copies, method_names, metric_names, quick, dev, options,
-                                                  bar, tuned, shadows, keep_details=seed == 0)
-                records += rows
-                details += [detail] if detail is not None else []
+        try:
+            for seed in range(seeds):
+                for copies in conditions:
+                    rows, detail = _run_one_condition(dataset, seed, copies, method_names, metric_names, quick, dev,
+                                                      options, bar, tuned, shadows, keep_details=seed == 0)
+                    records += rows
+                    details += [detail] if detail is not None else []
+        except Exception as exc:  # a method that diverged, a bug: the finished conditions are kept
+            if records:
+                exc.add_note(f"the {len(records)} records of the conditions finished before it are saved in "
+                             f"{_save_elsewhere(records)}; `unlearn-fast report` on that folder lists the rows they lack")
+            raise
     if out_dir is not None:
         write_results(out_dir, records, {"schema_version": DETAILS_SCHEMA_VERSION, "conditions": details})
     return records
@@ -258,36 +266,30 @@ def _warm_up(dataset: str, options: dict[str, Any], device: torch.device) -> Non
     fit(model, inputs[:n], labels[:n], make_recipe(**{**recipe, "epochs": 1}), "cross_entropy", device=device, progress=False)
 
 
-def _prepare_out(out: str | os.PathLike[str] | None) -> Path | None:
-    if out is None:
-        return None
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def write_results(out_dir: Path, records: list[dict[str, Any]], details: dict[str, Any] | None = None) -> list[str]:
+    """Commit results.json, results.csv, details.json (when given), the reports and manifest.json into
+    ``out_dir`` as one set (:func:`unlearn_fast.report.folder.write_study_folder`); returns the names written.
 
-
-def write_results(out_dir: Path, records: list[dict[str, Any]], details: dict[str, Any] | None = None) -> None:
-    """Write results.json, results.csv, details.json (when given) and the report (REPORT_FILES).
-
-    All files are produced in a staging folder first and only then moved into ``out_dir``, so a
-    failure (in plotting, say) leaves the earlier results intact.
+    When the write fails (a full disk, permissions changed during the run, a plotting error), the
+    records are saved to a new temporary folder, and the error raised names it: hours of training
+    are never lost to a failed write.
     """
-    from .report import DETAILS_NAME, REPORT_FILES, build_report
-
     safe = atomic_io.json_safe(records)
-    # The study owns these names: one it does not write this time (details, a figure) is removed, so
-    # the folder never mixes this run's results with an earlier run's evidence.
-    names = ("results.json", "results.csv", DETAILS_NAME, *REPORT_FILES)
-    with atomic_io.staged_files(out_dir, names, remove_missing=True) as staging:
-        atomic_io.write_json(staging / "results.json", safe)
-        if details is not None:
-            atomic_io.write_json(staging / DETAILS_NAME, details)
-        columns = list(dict.fromkeys(k for r in safe for k in r))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(safe)
-        atomic_io.write_text(staging / "results.csv", buffer.getvalue())
-        build_report(staging, safe)
+    try:
+        return write_study_folder(out_dir, safe, details)
+    except OSError as exc:
+        if atomic_io.pending_commit(out_dir, STUDY_SET):
+            raise OSError(f"the study's results are committed in {out_dir} but not all moved into place "
+                          f"({exc.strerror or exc}); `unlearn-fast report {out_dir}` finishes them") from exc
+        raise OSError(f"could not write the study's results into {out_dir} ({exc.strerror or exc}); the records are "
+                      f"saved in {_save_elsewhere(safe)}") from exc
+    except Exception as exc:
+        exc.add_note(f"the records are saved in {_save_elsewhere(safe)}")
+        raise
+
+
+def _save_elsewhere(records: list[dict[str, Any]]) -> Path:
+    """Write ``records`` to results.json in a new temporary folder; `unlearn-fast report` builds a report there."""
+    rescue = Path(tempfile.mkdtemp(prefix="unlearn-fast-results-")) / RESULTS_NAME
+    atomic_io.write_json(rescue, atomic_io.json_safe(records))
+    return rescue

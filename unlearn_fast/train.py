@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .context import TrainingContext, split_data, set_context
 from .data.similar_dataset import as_tensors
 from .losses import Loss, check_loss, per_sample_loss
-from .validation import check_choice, check_number, check_positive_int, resolve_device
+from .validation import check_choice, check_class_scores, check_number, check_positive_int, resolve_device
 
 SCHEDULES = ("constant", "cosine")
 
@@ -170,6 +170,8 @@ def train(
     loss = check_loss(loss)
     initial_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     inputs, labels = as_tensors(data)
+    if loss == "cross_entropy":
+        check_class_scores(model, inputs, labels, "the training data")
     fit(model, inputs, labels, recipe, loss, device=device, progress=progress)
     ctx = TrainingContext(data=data, loss=loss, weight_decay=recipe["weight_decay"], recipe=recipe,
                           similar=similar, initial_state=initial_state)

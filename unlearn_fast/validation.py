@@ -7,6 +7,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+
+from .modes import eval_mode
 
 
 def check_ids(ids: Any, n: int, what: str = "forget_ids") -> list[int]:
@@ -120,3 +123,63 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} asked for CUDA but none is available; use 'auto' or 'cpu'")
     return dev
+
+
+def check_finite_parameters(model: nn.Module, what: str, hint: str = "", error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming the first parameter of ``model`` with a NaN or inf entry, if any.
+
+    The message is ``what``, the parameter's name and count of bad entries, then ``; hint``
+    (e.g. what="the input model's parameter"). Buffers are not checked: some models keep -inf
+    attention masks in them, and a broken buffer shows in the outputs, which the metrics check.
+    """
+    named = list(model.named_parameters())
+    finite = [torch.isfinite(p).all() for _, p in named]
+    # Read back at once where the model sits on one device: one GPU sync, not one per parameter.
+    flags = torch.stack(finite).tolist() if len({f.device for f in finite}) == 1 else [bool(f) for f in finite]
+    bad = [(name, p) for (name, p), ok in zip(named, flags) if not ok]
+    if not bad:
+        return
+    name, p = bad[0]
+    count = int((~torch.isfinite(p)).sum())
+    others = f" (and {len(bad) - 1} other parameter{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+    raise error(f"{what} {name!r} has {count} non-finite {'entry' if count == 1 else 'entries'} "
+                f"(NaN or inf) of {p.numel()}{others}{'; ' + hint if hint else ''}")
+
+
+def check_labels_fit(num_scores: int, labels: torch.Tensor, what: str) -> None:
+    """Class labels [N] must index ``num_scores`` class scores under cross-entropy.
+
+    Otherwise torch fails deep inside the loss with "Target 3 is out of bounds". Labels equal to
+    -100 are cross-entropy's ignored ones. Non-class labels (float, not 1-D) are left alone.
+    """
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        return
+    used = labels[labels != -100]
+    if used.numel() == 0:
+        return
+    low, high = int(used.min()), int(used.max())
+    if low < 0:
+        raise ValueError(f"{what} has the negative class label {low}; class labels must be in [0, classes) "
+                         f"(or -100, which cross_entropy ignores)")
+    if high >= num_scores:
+        raise ValueError(f"the model outputs {num_scores} class scores, but {what} has labels up to {high} "
+                         f"({high + 1} classes): build the model with {high + 1} outputs, or give data whose labels "
+                         f"are in [0, {num_scores - 1}]")
+
+
+def check_class_scores(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, what: str) -> None:
+    """:func:`check_labels_fit` for ``model``'s class scores, found by running it on ``inputs[:1]``
+    (on its own device, without gradients, in eval mode). Outputs not shaped [B, classes] are left
+    to the loss's own error."""
+    if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
+        return
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    try:
+        with torch.no_grad(), eval_mode(model):
+            scores = model(inputs[:1].to(device))
+    except (RuntimeError, TypeError):
+        # A model that needs the training loop's casting (autocast) to run: its loop reports its own errors.
+        return
+    if torch.is_tensor(scores) and scores.dim() == 2:
+        check_labels_fit(scores.shape[1], labels, what)

@@ -17,6 +17,7 @@ from ..data.similar_dataset import SimilarDataset, as_tensors
 from ..context import CONTEXT_ATTRIBUTE
 from ..losses import Loss, check_loss, output_loss, per_sample_loss, upcast_half
 from ..modes import eval_mode
+from ..validation import check_finite_parameters, check_labels_fit, check_number
 
 if TYPE_CHECKING:
     from .lira import ShadowEvidence
@@ -38,12 +39,28 @@ class SplitOutputs:
     probabilities: torch.Tensor  # [n, classes] softmax outputs ([n, 0] when the outputs are not class logits)
 
 
+def _check_finite(values: torch.Tensor, what: str, where: str, start: int) -> None:
+    """A FloatingPointError naming ``where`` and the first sample whose ``values`` [B, ...] hold NaN or inf:
+    metrics of such outputs would be NaN (a loss-threshold AUC came out as mia_auc=nan, unannounced)."""
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        first = start + int(bad.nonzero()[0])
+        raise FloatingPointError(f"non-finite {what} on {where} (sample {first}, {int(bad.sum())} of {values.shape[0]} "
+                                 f"in its batch): the model's weights or buffers (e.g. BatchNorm statistics) are broken or overflow "
+                                 "on these inputs; no metric of it is meaningful")
+
+
 def _accumulate(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, losses: list[torch.Tensor],
-                correct: list[torch.Tensor], confidence: list[torch.Tensor], probabilities: list[torch.Tensor]) -> None:
+                correct: list[torch.Tensor], confidence: list[torch.Tensor], probabilities: list[torch.Tensor],
+                where: str, start: int) -> None:
     logits = model(x)
     logits = upcast_half(logits)
+    _check_finite(logits, "model outputs", where, start)
+    if loss == "cross_entropy" and logits.dim() == 2:  # checked on these outputs: no extra forward pass
+        check_labels_fit(logits.shape[1], y, where)
     # A named loss is applied to these logits; a callable loss needs the model itself.
     per_sample = output_loss(loss, logits, y) if isinstance(loss, str) else per_sample_loss(model, loss, (x, y))
+    _check_finite(per_sample, "per-sample losses", where, start)
     losses.append(per_sample.cpu())
     if y.dim() == 1 and not y.is_floating_point() and logits.dim() == 2:
         probs = torch.softmax(logits.float(), dim=1)
@@ -58,11 +75,12 @@ def _accumulate(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, 
 
 @torch.no_grad()
 def split_outputs(model: nn.Module, loss: Loss, inputs: torch.Tensor, labels: torch.Tensor,
-                  device: torch.device, batch_size: int = 1024) -> SplitOutputs:
+                  device: torch.device, batch_size: int = 1024, where: str = "the inputs") -> SplitOutputs:
     """Per-sample loss, correctness, true-label confidence and softmax outputs on (inputs [n, ...], labels [n, ...]).
 
     Correctness, confidence and probabilities need class labels (int64 [n]) and logits [n, classes];
     for other targets (e.g. regression with ``mse``) the first two are NaN and probabilities [n, 0].
+    Non-finite outputs or losses raise a FloatingPointError naming ``where`` and the sample.
     """
     losses: list[torch.Tensor] = []
     correct: list[torch.Tensor] = []
@@ -71,7 +89,7 @@ def split_outputs(model: nn.Module, loss: Loss, inputs: torch.Tensor, labels: to
     with eval_mode(model):
         for start in range(0, inputs.shape[0], batch_size):
             _accumulate(model, loss, inputs[start:start + batch_size].to(device), labels[start:start + batch_size].to(device),
-                        losses, correct, confidence, probabilities)
+                        losses, correct, confidence, probabilities, where, start)
     if not losses:
         empty = torch.zeros(0)
         return SplitOutputs(empty, empty, empty, torch.zeros(0, 0))
@@ -119,6 +137,33 @@ class Evaluation:
             first = next(self.model.parameters(), None)
             self.device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(self.device)
+        self.ri_min_gap = check_number(self.ri_min_gap, "ri_min_gap")
+        check_finite_parameters(self.model, "the model's parameter",
+                                "metrics of it would be NaN or meaningless, so none are computed")
+        if self.reference_target_loss:
+            self.reference_losses()
+
+    def reference_losses(self) -> dict[str, torch.Tensor]:
+        """``reference_target_loss``, checked: one finite loss per target for each reference.
+
+        Checked here, at use, as well as at construction, since the study sets them afterwards.
+        """
+        targets = len(self.dataset.forget_ids)
+        if not isinstance(self.reference_target_loss, dict):
+            raise ValueError(f"reference_target_loss must be a dict name -> per-target losses [{targets}], "
+                             f"got {type(self.reference_target_loss).__name__}")
+        for name, values in self.reference_target_loss.items():
+            what = f"reference_target_loss[{name!r}]"
+            if not torch.is_tensor(values) or values.dim() != 1 or not values.is_floating_point():
+                raise ValueError(f"{what} must be a 1-D float tensor of per-target losses [{targets}], got "
+                                 f"{tuple(values.shape) if torch.is_tensor(values) else type(values).__name__}")
+            if values.shape[0] != targets:
+                raise ValueError(f"{what} has {values.shape[0]} values, but the dataset has {targets} targets "
+                                 f"(dataset.forget_ids): give one loss per target, in that order")
+            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"{what} has non-finite values at targets {bad[:10]}: the reference model is broken")
+        return self.reference_target_loss
 
     def reference(self, name: str, metric: str) -> "Evaluation":
         """The reference evaluation ``name``; a clear error when the caller did not give it."""
@@ -154,7 +199,7 @@ class Evaluation:
         """Cached per-sample outputs on ``split`` (one of targets, similar, retain, test)."""
         if split not in self._cache:
             inputs, labels = self.split_tensors(split)
-            self._cache[split] = split_outputs(self.model, self.loss, inputs, labels, self.device)
+            self._cache[split] = split_outputs(self.model, self.loss, inputs, labels, self.device, where=f"the {split!r} split")
         return self._cache[split]
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:

@@ -70,7 +70,7 @@ def residual_influence_per_target(method_loss: torch.Tensor, original_loss: torc
 
 
 def _ri_values(ev: Evaluation) -> torch.Tensor:
-    refs = ev.reference_target_loss
+    refs = ev.reference_losses()
     missing = [name for name in ("original", "oracle") if name not in refs]
     if missing:
         raise ValueError(f"residual_influence needs reference target losses of {missing}; give Evaluation(reference_target_loss=...)")

@@ -46,7 +46,9 @@ def relearn_steps_to(model: torch.nn.Module, loss, inputs: torch.Tensor, labels:
     return max_steps + 1
 
 
-@METRICS.register("relearn_steps")
+@METRICS.register("relearn_steps", description=(
+    f"SGD steps (full batch of the targets, lr {RELEARN_LR:g}) for a copy of the model to regain the original's "
+    f"accuracy on the targets; {RELEARN_MAX_STEPS + 1} when it does not within {RELEARN_MAX_STEPS}."))
 def relearn_steps(ev: Evaluation) -> float:
     """SGD steps (full batch of the targets, lr RELEARN_LR) for a copy of the model to regain the
     original's accuracy on the targets; RELEARN_MAX_STEPS + 1 when it does not within RELEARN_MAX_STEPS."""

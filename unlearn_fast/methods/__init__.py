@@ -17,7 +17,7 @@ from . import dampening as _dampening  # noqa: F401  (registers fisher_forgettin
 from . import distill as _distill  # noqa: F401  (registers bad_teacher, scrub)
 from .expansion import SIMILAR_ACTIONS, SimilarExpansion, forget_request
 from .influence import influence_unlearn  # also registers influence
-from .registry import METHODS, UnlearnTask
+from .registry import METHODS, UnlearnTask, check_method_input, check_method_output
 
 
 def unlearn(
@@ -37,7 +37,9 @@ def unlearn(
 ) -> nn.Module:
     """Unlearn ``forget_ids`` from ``model`` with a registered method; returns a new model.
 
-    ``model`` itself is left unchanged. Its training context supplies data, loss and weight decay;
+    ``model`` itself is left unchanged. A model with NaN or inf parameters, or with fewer class scores
+    than the labels need, is refused; a method whose result is not finite raises FloatingPointError,
+    naming the method and the first non-finite parameter. Its training context supplies data, loss and weight decay;
     ``data``/``loss``/``weight_decay`` override them (or supply them for a model with no context). ``hyper`` overrides the method's
     documented defaults (``METHODS.get(name).defaults``). The returned model's context records the
     removed ids, so a later request removes both.
@@ -52,10 +54,13 @@ def unlearn(
     ctx = resolve_context(model, data=data, loss=loss, weight_decay=weight_decay)
     hyper = METHODS.resolve_hyper(method, hyper)
     dev = resolve_device(device)
+    check_method_input(model, ctx, method)
     ids, expansion = forget_request(model, ctx, forget_ids, similar, similar_method=similar_method,
                                     similar_action=similar_action, device=dev, progress=progress)
     task = UnlearnTask(context=ctx, forget_ids=ids, device=dev, progress=progress, similar=expansion)
     out = entry.fn(model, task, **hyper)
+    check_method_output(out, f"method {method!r}", f"options {hyper}; the input model is unchanged; the method "
+                                                   "diverged: try gentler options (e.g. a smaller lr or fewer epochs)")
     # Set even when None: the copy of ``model`` would otherwise carry an earlier request's record.
     out.unlearn_fast_similar = expansion
     return out

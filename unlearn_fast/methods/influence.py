@@ -18,7 +18,7 @@ from ..influence.trust_region import GRAD_TOL
 from ..influence.unlearn import UnlearnReport, check_influence_options, newton_unlearn
 from ..validation import resolve_device
 from .expansion import forget_request
-from .registry import METHODS, UnlearnTask
+from .registry import METHODS, UnlearnTask, check_method_input, check_method_output
 
 
 def influence_unlearn(
@@ -99,10 +99,16 @@ def influence_unlearn(
                    budget_passes=budget_passes, on_reject=on_reject, layers=layers,
                    curvature_samples=curvature_samples, seed=seed, batch_size=batch_size, tol=tol, max_iter=max_iter)
     check_influence_options(options)  # the cheap checks come before the near-duplicate search
+    check_method_input(model, ctx, "influence_unlearn")
     dev = resolve_device(device)
     ids, expansion = forget_request(model, ctx, forget_ids, similar, similar_method=similar_method,
                                     similar_action=similar_action, device=dev, progress=progress)
     report = newton_unlearn(model, ctx, ids, device=dev, progress=progress, **options)
+    # The trust region accepts only finite steps, so this holds by construction; it is checked so
+    # that a non-finite model can never leave unannounced. Restoring would need θ₀, which only
+    # newton_unlearn holds: the model, changed in place, must then be reloaded.
+    check_method_output(model, "influence_unlearn", "the model was changed in place and must be reloaded; this is "
+                                                    "a bug (the trust region rejects non-finite steps), please report it")
     return replace(report, similar=expansion)
 
 

@@ -2,6 +2,12 @@
 
 A method is ``fn(model, task, **hyper) -> model``: it returns the unlearned model and leaves
 ``model`` untouched. It is registered with its defaults and a one-line description.
+
+``unlearn`` (the one dispatch to a method) runs every method behind the same checks
+(:func:`check_method_input`, :func:`check_method_output`), so that no method, present or future,
+starts from a model with NaN or inf weights or with fewer class scores than the data has classes,
+and none returns a non-finite model: a diverging method raises, naming itself and the first
+non-finite parameter.
 """
 
 from __future__ import annotations
@@ -17,12 +23,32 @@ from torch.utils.data import Dataset
 from ..context import TrainingContext, set_context
 from ..losses import Loss
 from ..registry import Registry
+from ..validation import check_class_scores, check_finite_parameters
 from .expansion import SimilarExpansion
 
 Method = Callable[..., nn.Module]
 # A method's second random stream (a second data stream, an incompetent teacher's init) is seeded
 # with the recipe seed + this, so it never repeats the first stream or the original's own draw.
 SECOND_STREAM_SEED_OFFSET = 1
+
+
+def check_method_input(model: nn.Module, context: TrainingContext, method: str) -> None:
+    """Refuse a model no method can unlearn from: NaN/inf parameters (they spread through every
+    update, and the curvature-based methods would misreport them as an overflow), or fewer class
+    scores than the training labels need (torch's own error is "Target 3 is out of bounds")."""
+    check_finite_parameters(model, f"{method}: the input model's parameter",
+                            "refusing to unlearn from a non-finite model; load or train a finite one")
+    if context.loss == "cross_entropy":
+        inputs, labels = context.tensors()
+        check_class_scores(model, inputs, labels, "the training data")
+
+
+def check_method_output(model: nn.Module, producer: str, hint: str) -> None:
+    """A FloatingPointError (an ArithmeticError, which ``tune`` scores as a failed trial) naming the
+    ``producer`` of ``model`` and its first non-finite parameter; ``hint`` ends the message."""
+    check_finite_parameters(model, f"{producer} produced non-finite parameters:", hint, error=FloatingPointError)
+
+
 METHODS: Registry[Method] = Registry("method")
 
 

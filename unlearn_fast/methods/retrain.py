@@ -35,10 +35,16 @@ def _reinitialise(model: nn.Module, task: UnlearnTask, seed: int) -> None:
 
 
 def _retrain_without(model: nn.Module, task: UnlearnTask, removed: list[int], desc: str, **overrides: object) -> nn.Module:
+    keep = task.context.retain_ids(removed)
+    if not keep:
+        ctx = task.context
+        earlier = f", {len(ctx.removed_ids)} by earlier ones" if ctx.removed_ids else ""
+        raise ValueError(f"{desc}: forgetting all {len(ctx.data)} training samples leaves nothing to retrain on "  # type: ignore[arg-type]
+                         f"({len(removed)} removed by this request{earlier}); keep at least one sample")
     recipe = task.recipe(**overrides)
     out = derived_model(model, task, removed)
     _reinitialise(out, task, recipe["seed"])
-    inputs, labels = task.tensors(task.context.retain_ids(removed))
+    inputs, labels = task.tensors(keep)
     return fit(out, inputs, labels, recipe, task.loss, device=task.device, progress=task.progress, desc=desc)
 
 

@@ -30,6 +30,9 @@ from .html import FigureBlock, Page, render_html
 from .plots import plot_accuracies, plot_residual_influence
 from .summary import (
     BEST_NOTE,
+    IDENTITY_KEYS,
+    RESULTS_SCHEMA_VERSION,
+    is_number,
     check_records,
     format_c,
     format_table,
@@ -86,10 +89,14 @@ against the planted near-duplicates.
 
 
 def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read and check a ``results.json``; errors name the file and say what is wrong."""
+    """Read and check a ``results.json``; errors name the file and say what is wrong.
+
+    Every record carries ``schema_version``, and every key but the identifying ones holds a number
+    or null (an undefined metric): a string or list where a metric belongs is refused, not shown as n/a.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no study results at {path}; run `unlearn-fast study` first or pass records=")
+        raise FileNotFoundError(f"no study results at {path}; run `unlearn-fast study --out {path.parent}` first")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -98,6 +105,14 @@ def load_results(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         raise ValueError(f"{path} must hold a JSON list of result records, got {type(data).__name__}")
     try:
         records = check_records(data)
+        for i, rec in enumerate(records):
+            if "schema_version" not in rec:
+                raise ValueError(f"record {i} ({rec.get('method')!r}, seed {rec.get('seed')!r}) has no schema_version; "
+                                 f"this unlearn_fast reads version {RESULTS_SCHEMA_VERSION}, written by the study with each record")
+            for key, value in rec.items():
+                if key not in IDENTITY_KEYS and value is not None and not is_number(value):
+                    raise ValueError(f"record {i} ({rec.get('method')!r}, seed {rec.get('seed')!r}) holds {value!r} under "
+                                     f"{key!r}; a metric must be a number or null")
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
     if not records:
@@ -274,23 +289,26 @@ def _notes(records: Sequence[Mapping[str, Any]], details: Details) -> list[str]:
     return notes
 
 
-def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str, Any]] | None = None) -> Path:
+def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str, Any]] | None = None, *,
+                 source: str | os.PathLike[str] | None = None) -> Path:
     """Write ``report.md``, ``report.html`` and their PNG figures (:data:`REPORT_FILES`) into ``out_dir``.
 
-    ``records`` defaults to the contents of ``out_dir/results.json``; ``out_dir/details.json`` is
-    read when present (a missing or malformed one only drops the figures it would give, with a note
-    saying why). Returns the Markdown report's path. Raises FileNotFoundError / ValueError, naming
-    the file, when results are missing or malformed.
+    ``records`` defaults to the contents of ``results.json`` in ``source`` (default ``out_dir``);
+    ``details.json`` there is read when present (a missing or malformed one only drops the figures it
+    would give, with a note saying why). Returns the Markdown report's path. Raises FileNotFoundError /
+    ValueError, naming the file, when results are missing or malformed. A study folder is rebuilt as
+    one set by :func:`unlearn_fast.report.folder.rebuild_report`.
     """
     out = Path(out_dir)
+    source = out if source is None else Path(source)
     if records is None:
-        records = load_results(out / RESULTS_NAME)
+        records = load_results(source / RESULTS_NAME)
     else:
         records = check_records(records)
         if not records:
             raise ValueError("records is empty; nothing to report")
     summary = summarize(records)
-    details = load_details(out / DETAILS_NAME)
+    details = load_details(source / DETAILS_NAME)
     # Figures before the reports: if plotting fails, report.md and report.html keep their previous contents.
     plot_residual_influence(summary, out / RI_PNG)
     plot_accuracies(summary, out / ACCURACY_PNG)

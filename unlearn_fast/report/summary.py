@@ -54,7 +54,7 @@ BEST_NOTE = ("Bold marks the best value per column within each (dataset, C) tabl
              "where every method ties is not marked, and bookkeeping columns are never marked.")
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     # bool is a subclass of int, but a flag is not a metric to average.
     return isinstance(value, Real) and not isinstance(value, bool)
 
@@ -78,18 +78,19 @@ def check_records(records: Any) -> list[Mapping[str, Any]]:
 
 
 def missing_rows(records: Sequence[Mapping[str, Any]]) -> list[tuple[Any, Any, Any, Any]]:
-    """(dataset, similar, method, seed) combinations absent from ``records`` although the method and
-    the seed each appear elsewhere in that (dataset, similar) group: the rows a partial run lacks."""
-    groups: dict[tuple[Any, Any], list[Mapping[str, Any]]] = {}
+    """(dataset, similar, method, seed) combinations absent from ``records``: every method and seed that
+    appears anywhere for a dataset is expected at each of its C values, so a run cut short (a seed or a
+    whole C never reached) lists the rows it lacks."""
+    seen: dict[Any, dict[str, dict[Any, None]]] = {}
+    present = set()
     for rec in records:
-        groups.setdefault((rec["dataset"], rec.get("similar")), []).append(rec)
-    absent = []
-    for (dataset, similar), rows in groups.items():
-        methods = list(dict.fromkeys(r["method"] for r in rows))
-        seeds = list(dict.fromkeys(r.get("seed") for r in rows))
-        present = {(r["method"], r.get("seed")) for r in rows}
-        absent += [(dataset, similar, m, s) for m in methods for s in seeds if (m, s) not in present]
-    return absent
+        row = (rec["dataset"], rec.get("similar"), rec["method"], rec.get("seed"))
+        present.add(row)
+        axes = seen.setdefault(row[0], {"similar": {}, "method": {}, "seed": {}})
+        for axis, value in zip(("similar", "method", "seed"), row[1:]):
+            axes[axis].setdefault(value, None)
+    return [(dataset, c, m, s) for dataset, axes in seen.items() for c in axes["similar"] for m in axes["method"]
+            for s in axes["seed"] if (dataset, c, m, s) not in present]
 
 
 def metric_names(records: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -97,7 +98,7 @@ def metric_names(records: Iterable[Mapping[str, Any]]) -> list[str]:
     names: dict[str, None] = {}
     for rec in records:
         for key, value in rec.items():
-            if key not in IDENTITY_KEYS and _is_number(value):
+            if key not in IDENTITY_KEYS and is_number(value):
                 names.setdefault(key, None)
     return list(names)
 
@@ -107,7 +108,7 @@ def mean_ci95(values: Iterable[Any]) -> dict[str, float | int]:
 
     ``ci95`` is the half-width of the Student-t 95% interval of the mean, NaN when n < 2.
     """
-    kept = np.array([float(v) for v in values if _is_number(v) and math.isfinite(float(v))], dtype=float)
+    kept = np.array([float(v) for v in values if is_number(v) and math.isfinite(float(v))], dtype=float)
     n = int(kept.size)
     if n == 0:
         return {"mean": math.nan, "ci95": math.nan, "n": 0}
@@ -204,7 +205,7 @@ def best_cells(rows: Sequence[Mapping[str, Any]], metrics: Iterable[str], digits
 
 def format_c(similar: Any) -> str:
     """``10`` for 10 and 10.0 alike, so JSON round trips do not change labels."""
-    if _is_number(similar) and math.isfinite(float(similar)) and float(similar).is_integer():
+    if is_number(similar) and math.isfinite(float(similar)) and float(similar).is_integer():
         return str(int(similar))
     return str(similar)
 

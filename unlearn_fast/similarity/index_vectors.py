@@ -18,16 +18,23 @@ SCORE_CHUNK = 16384
 def as_vectors(values: Any, what: str, metric: str, dim: int | None = None) -> np.ndarray:
     """``values`` [N, d] (numpy or torch, any real dtype) → a new C-contiguous float32 array [N, d].
 
-    Rejects non-2-D or empty input, a ``d`` other than ``dim``, NaN/inf entries and, under cosine,
+    Rejects complex dtypes, non-2-D or empty input, a ``d`` other than ``dim``, NaN/inf entries and, under cosine,
     zero rows (they have no direction), naming the offending rows. Cosine rows come back L2-normalised,
     so that inner products are cosine similarities.
     """
     if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
+        values = values.detach().cpu()
+        values = values.resolve_conj().numpy() if values.is_complex() else values.numpy()
     try:
-        array = np.array(values, dtype=np.float32, order="C", copy=True)
+        source = np.asarray(values)
+        # Refused before the float32 cast, which would drop the imaginary parts with only a warning.
+        is_complex = source.dtype.kind == "c"
+        array = source if is_complex else np.array(source, dtype=np.float32, order="C", copy=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be a real-valued array [N, d], got {type(values).__name__}") from exc
+    if is_complex:
+        raise ValueError(f"{what} must be real, got complex dtype {source.dtype}; pass the real part, the magnitude, "
+                         "or the real and imaginary parts as separate dimensions")
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"{what} must be a non-empty 2-D array [N, d], got shape {array.shape}")
     if dim is not None and array.shape[1] != dim:

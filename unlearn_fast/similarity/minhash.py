@@ -60,6 +60,12 @@ VERIFY = ("exact", "estimate")
 FP_WEIGHT = 0.05
 FN_WEIGHT = 0.95
 _VERIFY_CHUNK = 8192  # pairs per block of signature comparisons: bounds the [chunk, num_perm] temporaries
+# The most permutations per signature. Signatures are uint64 [N, num_perm]: 8·num_perm bytes per
+# text, 32 KiB at this maximum (3.2 GiB for 100 000 texts), and the estimate's standard error
+# sqrt(J(1 − J)/num_perm) is then at most 0.008, far below any useful threshold's width. The band
+# search of lsh_params grows as num_perm² log num_perm: 4 s at 4096 on one core, 23 s at 8192.
+MAX_NUM_PERM = 4096
+SIGNATURE_BYTES = np.dtype(np.uint64).itemsize
 
 
 def _texts(texts: Any) -> list[str]:
@@ -84,6 +90,19 @@ def _shingle_args(ngram: int, seed: int, unit: str) -> tuple[int, int, bool]:
     return ngram, seed, check_choice(unit, UNITS, "unit") == "word"
 
 
+def _num_perm(num_perm: Any, texts: int | None = None) -> int:
+    """``num_perm`` checked to be an int in [1, MAX_NUM_PERM]; the error says what memory it would take."""
+    num_perm = check_positive_int(num_perm, "num_perm", hint="the number of hash permutations per signature")
+    if num_perm > MAX_NUM_PERM:
+        per_text = num_perm * SIGNATURE_BYTES
+        need = (f"{texts} text{'s' if texts != 1 else ''} × {num_perm} × {SIGNATURE_BYTES} bytes = {texts * per_text / 1e9:.1f} GB"
+                if texts is not None else f"{per_text / 1e9:.1f} GB per text")
+        raise ValueError(f"num_perm={num_perm} exceeds the maximum {MAX_NUM_PERM}: the signatures are uint64 "
+                         f"[N, num_perm], here {need} (at most {MAX_NUM_PERM * SIGNATURE_BYTES // 1024} KiB per text), "
+                         f"and the LSH band search grows as num_perm²; 128 to 512 is usual")
+    return num_perm
+
+
 def _pairs(pairs: Any) -> np.ndarray:
     pairs = np.asarray(pairs)
     if pairs.size == 0:
@@ -98,11 +117,13 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 128, ngram: int = 5
     """MinHash signatures of ``texts`` as a uint64 array [N, num_perm] (hashing: see the module docstring).
 
     Raises ValueError for an empty corpus, an empty (or, for ``unit="word"``, whitespace-only) text,
-    naming its index, and for ``num_perm``/``ngram`` < 1, ``seed`` outside [0, 2^64 − 1] or another unit.
+    naming its index, for ``num_perm`` outside [1, MAX_NUM_PERM] (the signatures take 8·num_perm bytes
+    per text), ``ngram`` < 1, ``seed`` outside [0, 2^64 − 1] or another unit.
     """
-    num_perm = check_positive_int(num_perm, "num_perm", hint="the number of hash permutations per signature")
+    texts = _texts(texts)
+    num_perm = _num_perm(num_perm, len(texts))
     ngram, seed, word = _shingle_args(ngram, seed, unit)
-    return _C.minhash_signatures(_texts(texts), num_perm, ngram, seed, word, _threads(num_threads))
+    return _C.minhash_signatures(texts, num_perm, ngram, seed, word, _threads(num_threads))
 
 
 def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float | np.ndarray:
@@ -153,7 +174,7 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = FP_WEIGHT, fn
     false-negative probabilities for a similarity drawn uniformly on [0, 1].
     """
     threshold = check_number(threshold, "threshold", low=0.0, high=1.0, low_open=True)
-    num_perm = check_positive_int(num_perm, "num_perm")
+    num_perm = _num_perm(num_perm)
     fp_weight = check_number(fp_weight, "fp_weight")
     fn_weight = check_number(fn_weight, "fn_weight")
     if fp_weight + fn_weight == 0:
@@ -189,13 +210,13 @@ def near_duplicate_pairs(texts: Sequence[str], threshold: float = 0.8, num_perm:
     and are verified as the module docstring's *Verification* says.
     """
     threshold = check_number(threshold, "threshold", low=0.0, high=1.0, low_open=True)
-    num_perm = check_positive_int(num_perm, "num_perm", hint="the number of hash permutations per signature")
+    texts = _texts(texts)
+    num_perm = _num_perm(num_perm, len(texts))
     verify = check_choice(verify, VERIFY, "verify")
     if (bands is None) != (rows is None):
         raise ValueError(f"give bands and rows together or neither, got bands={bands!r}, rows={rows!r}")
     if bands is None:
         bands, rows = lsh_params(threshold, num_perm, fp_weight, fn_weight)
-    texts = _texts(texts)
     sig = minhash_signatures(texts, num_perm, ngram, seed, unit, num_threads)
     pairs = candidate_pairs(sig, bands, rows, num_threads)
     if verify == "exact":
