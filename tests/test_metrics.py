@@ -139,3 +139,24 @@ def test_residual_influence_median_resists_one_exploding_ratio():
                     reference_target_loss={"original": torch.tensor([0.0]), "oracle": torch.tensor([2 * math.log(2)])})
     out = compute_metrics(ev, ["residual_influence", "residual_influence_median"])
     assert out["residual_influence_median"] == pytest.approx(out["residual_influence"]) == pytest.approx(0.5)
+
+
+def test_default_metrics_skip_what_a_missing_reference_prevents(small_digits, trained_mlp):
+    from unlearn_fast.evaluate import DEFAULT_METRICS, MissingReference
+
+    other = uf.unlearn(trained_mlp, small_digits.forget_ids, "finetune", epochs=1, device="cpu", progress=False)
+    with pytest.warns(UserWarning, match="left out .* default metric"):
+        alone = compute_metrics(Evaluation(other, small_digits, device="cpu"))
+    assert {"residual_influence", "kl_to_oracle_targets", "relearn_steps"} <= set(alone.skipped)
+    assert "'oracle' reference" in alone.skipped["kl_to_oracle_targets"]
+    assert set(alone) | set(alone.skipped) == set(DEFAULT_METRICS) and not set(alone) & set(alone.skipped)
+    with pytest.raises(MissingReference, match="needs the 'oracle' reference"):
+        compute_metrics(Evaluation(other, small_digits, device="cpu"), ["kl_to_oracle_targets"])
+
+    # The reference evaluations alone give residual influence: their target losses are taken from them.
+    refs = {"original": Evaluation(trained_mlp, small_digits, device="cpu"), "oracle": Evaluation(other, small_digits, device="cpu")}
+    losses = {name: ev.outputs("targets").loss for name, ev in refs.items()}
+    names = ["residual_influence", "residual_influence_median", "ri_targets_used"]
+    by_references = compute_metrics(Evaluation(trained_mlp, small_digits, device="cpu", references=refs), names)
+    by_losses = compute_metrics(Evaluation(trained_mlp, small_digits, device="cpu", reference_target_loss=losses), names)
+    assert by_references == by_losses and by_references["residual_influence"] == pytest.approx(1.0)

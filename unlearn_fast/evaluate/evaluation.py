@@ -39,6 +39,10 @@ class SplitOutputs:
     probabilities: torch.Tensor  # [n, classes] softmax outputs ([n, 0] when the outputs are not class logits)
 
 
+class MissingReference(ValueError):
+    """A metric needs a reference model's evaluation (or its target losses) that was not given."""
+
+
 def _check_finite(values: torch.Tensor, what: str, where: str, start: int) -> None:
     """A FloatingPointError naming ``where`` and the first sample whose ``values`` [B, ...] hold NaN or inf:
     metrics of such outputs would be NaN (a loss-threshold AUC came out as mia_auc=nan, unannounced)."""
@@ -104,7 +108,8 @@ class Evaluation:
         loss: defaults to the model's recorded training loss, else "cross_entropy".
         device: defaults to the device of the model's parameters.
         reference_target_loss: per-target losses [K] of ``"original"`` and ``"oracle"`` (same order as
-            ``dataset.forget_ids``); residual influence needs both.
+            ``dataset.forget_ids``); residual influence needs both. A name missing here is taken from
+            ``references``, so giving the reference evaluations is enough.
         ri_min_gap: targets whose |ℓ_oracle − ℓ_original| is below this are left out of the residual
             influence mean (see :func:`unlearn_fast.evaluate.metrics.residual_influence`).
         references: evaluations of the reference models on the same dataset, by name (``"original"``,
@@ -144,7 +149,8 @@ class Evaluation:
             self.reference_losses()
 
     def reference_losses(self) -> dict[str, torch.Tensor]:
-        """``reference_target_loss``, checked: one finite loss per target for each reference.
+        """Per-target losses [K] of each reference: ``reference_target_loss``, completed from the
+        ``references`` evaluations for names it lacks; checked: one finite loss per target each.
 
         Checked here, at use, as well as at construction, since the study sets them afterwards.
         """
@@ -152,7 +158,9 @@ class Evaluation:
         if not isinstance(self.reference_target_loss, dict):
             raise ValueError(f"reference_target_loss must be a dict name -> per-target losses [{targets}], "
                              f"got {type(self.reference_target_loss).__name__}")
-        for name, values in self.reference_target_loss.items():
+        losses = {**{name: ev.outputs("targets").loss for name, ev in self.references.items()
+                     if name not in self.reference_target_loss}, **self.reference_target_loss}
+        for name, values in losses.items():
             what = f"reference_target_loss[{name!r}]"
             if not torch.is_tensor(values) or values.dim() != 1 or not values.is_floating_point():
                 raise ValueError(f"{what} must be a 1-D float tensor of per-target losses [{targets}], got "
@@ -163,12 +171,12 @@ class Evaluation:
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
             if bad:
                 raise ValueError(f"{what} has non-finite values at targets {bad[:10]}: the reference model is broken")
-        return self.reference_target_loss
+        return losses
 
     def reference(self, name: str, metric: str) -> "Evaluation":
         """The reference evaluation ``name``; a clear error when the caller did not give it."""
         if name not in self.references:
-            raise ValueError(f"{metric} needs the {name!r} reference; give Evaluation(references={{{name!r}: Evaluation(...)}}) "
+            raise MissingReference(f"{metric} needs the {name!r} reference; give Evaluation(references={{{name!r}: Evaluation(...)}}) "
                              f"(given: {sorted(self.references) or 'none'})")
         return self.references[name]
 

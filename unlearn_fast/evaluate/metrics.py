@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..registry import Registry
-from .evaluation import Evaluation
+from .evaluation import Evaluation, MissingReference
 
 METRICS: Registry = Registry("metric")
 
@@ -73,7 +73,8 @@ def _ri_values(ev: Evaluation) -> torch.Tensor:
     refs = ev.reference_losses()
     missing = [name for name in ("original", "oracle") if name not in refs]
     if missing:
-        raise ValueError(f"residual_influence needs reference target losses of {missing}; give Evaluation(reference_target_loss=...)")
+        raise MissingReference(f"residual_influence needs reference target losses of {missing}; give "
+                               "Evaluation(reference_target_loss=...)")
     return residual_influence_per_target(ev.outputs("targets").loss, refs["original"], refs["oracle"], ev.ri_min_gap)
 
 
