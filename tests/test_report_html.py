@@ -183,10 +183,15 @@ def test_best_rules() -> None:
             row("c", x=0.3, test_acc=0.8, mia_auc=0.5, unknown=5.0)]
     for r in rows:
         r["metrics"]["target_loss"] = r["metrics"].pop("x")
-    # b and c are both 0.1 from the oracle; a and b tie on the highest test_acc (original's 0.99 does not compete);
-    # every method ties on mia_auc: no mark; a metric with no rule: no mark; a metric absent everywhere: no mark
-    assert best_cells(rows, ["target_loss", "test_acc", "mia_auc", "unknown", "residual_influence"]) == {
-        ("b", "target_loss"), ("c", "target_loss"), ("a", "test_acc"), ("b", "test_acc")}
+    # A mark needs the best to be distinguishable from the runner-up: b and c are both 0.1 from the oracle, a and
+    # b tie on the highest test_acc (original's 0.99 does not compete), every method ties on mia_auc: no mark;
+    # a metric with no rule, or absent everywhere: no mark
+    assert best_cells(rows, ["target_loss", "test_acc", "mia_auc", "unknown", "residual_influence"]) == set()
+    rows[2]["metrics"]["test_acc"]["mean"] = 0.97  # a now above b and c, CIs of zero width: distinguishable
+    rows[4]["metrics"]["target_loss"]["mean"] = 0.22  # c now 0.02 from the oracle, b 0.1
+    assert best_cells(rows, ["target_loss", "test_acc"]) == {("c", "target_loss"), ("a", "test_acc")}
+    rows[3]["metrics"]["test_acc"]["ci95"] = 0.05  # b's CI reaches a's value: no longer distinguishable
+    assert best_cells(rows, ["test_acc"]) == set()
     no_oracle = [r for r in rows if r["method"] != "oracle"]
     assert best_cells(no_oracle, ["target_loss"]) == set()  # nothing to be close to
 

@@ -176,3 +176,20 @@ def test_the_command_ignores_an_interrupt_after_its_work_is_done():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 0 and "Traceback" not in done.stderr and "datasets:" in done.stdout
+
+
+def test_the_terminal_shows_the_headline_first(tmp_path, monkeypatch, capsys):
+    records = [_record(method=m, seed=s, similar=c, residual_influence=value + 0.01 * s, seconds=1.0, seconds_vs_retrain=1.0)
+               for c in (10, 0) for m, value in (("original", 1.0), ("retrain", 0.9 if c else 0.0), ("oracle", 0.0))
+               for s in (0, 1, 2)]
+
+    def fake_study(**kwargs):
+        study.write_results(Path(kwargs["out"]), records)
+        return records
+
+    monkeypatch.setattr(study, "run_study", fake_study)
+    assert cli.main(["study", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Headline. With 10 near-duplicates per target (d, 3 seeds), retraining without the targets "
+                          "(retrain) leaves RI 0.91 ± 0.02")
+    assert f"open {tmp_path / 'report.html'}" in out.splitlines()[-1]

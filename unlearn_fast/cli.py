@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_OUT = "unlearn-fast-results"
+ALWAYS_RUN = ("original", "retrain", "oracle")  # the study's references, run whatever --methods says
 # The study prints these columns (those present); report.md / report.html hold every metric.
 CONSOLE_METRICS = (
     "target_acc", "similar_acc", "test_acc", "mia_auc", "residual_influence", "residual_influence_median",
@@ -31,9 +32,10 @@ def _parser() -> argparse.ArgumentParser:
                                        "results.json, results.csv, details.json, report.md and report.html (with plots) into --out.")
     _add_data_arguments(study)
     study.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                       help=f"methods besides original/retrain/oracle; from: {', '.join(METHODS.names())}, each also as "
+                       help=f"methods to compare; original, retrain and oracle always run. From: "
+                            f"{', '.join(n for n in METHODS.names() if n not in ALWAYS_RUN)}; each of these and retrain also as "
                             f"METHOD{SIMILAR_SUFFIX} (the forget set expanded with the near-duplicates found) "
-                            f"(default: {' '.join(DEFAULT_METHODS)})")
+                            f"(default: {' '.join(m for m in DEFAULT_METHODS if m not in ALWAYS_RUN)})")
     study.add_argument("--seeds", type=int, default=3, help="number of seeds (default: %(default)s)")
     study.add_argument("--similar", type=int, nargs="+", default=None, metavar="C",
                        help="near-duplicate copies per target; several values run several conditions "
@@ -107,6 +109,7 @@ def _dataset_options(args: argparse.Namespace) -> dict[str, object]:
 
 def _study(args: argparse.Namespace) -> int:
     from .report import format_table, summarize
+    from .report.findings import headline
     from .report.summary import ordered_metrics
     from .study import run_study
     from .tune import load_tuned
@@ -119,6 +122,9 @@ def _study(args: argparse.Namespace) -> int:
                         shadows=args.shadows)
     summary = summarize(records)
     every = ordered_metrics(summary)
+    top = headline(summary)
+    if top:
+        print(f"Headline. {top.replace('`', '')}\n")
     print(format_table(summary, metrics=[m for m in CONSOLE_METRICS if m in every]))
     print(f"\n{_wrote(Path(args.out))} (all {len(every)} metrics there; here {sum(m in every for m in CONSOLE_METRICS)})")
     return 0
@@ -153,14 +159,16 @@ def _list() -> int:
     from .models import MODELS
 
     for title, registry in (("datasets", DATASETS), ("models", MODELS), ("methods", METHODS), ("metrics", METRICS)):
-        print(f"{title}:")
-        for entry in registry:
-            defaults = ", ".join(f"{k}={v!r}" for k, v in entry.defaults.items())
-            print(f"  {entry.name:24s} {entry.description}" + (f"  [{defaults}]" if defaults else ""))
+        rows = [(entry.name, entry.description + (f"  [{', '.join(f'{k}={v!r}' for k, v in entry.defaults.items())}]"
+                                                  if entry.defaults else "")) for entry in registry]
         if registry is METHODS:
-            print(f"  {'original':24s} (study reference, not a method) the model trained on everything")
-            print(f"  {'METHOD' + SIMILAR_SUFFIX:24s} (study only) METHOD after adding the targets' near-duplicates, "
-                  "as unlearn(..., similar='auto')")
+            rows += [("original", "(study reference, not a method) the model trained on everything"),
+                     ("METHOD" + SIMILAR_SUFFIX, "(study only) METHOD after adding the targets' near-duplicates, as "
+                                                 "unlearn(..., similar='auto')")]
+        width = max(len(name) for name, _ in rows) + 2
+        print(f"{title}:")
+        for name, text in rows:
+            print(f"  {name:<{width}}{text}")
     return 0
 
 

@@ -52,6 +52,7 @@ figure img{max-width:100%;height:auto;border:1px solid #e4e4e8}
 figcaption{font-size:.88em;color:#444;max-width:70em}
 p.note{color:#666;font-style:italic}
 .warn{background:#fff4e0;border-left:4px solid #e69a1c;padding:.5em 1em}
+.headline{font-size:1.15em;background:#eef5ff;border-left:4px solid #2a6fdb;padding:.6em 1em}
 ul.notes li{font-size:.9em;color:#444}
 """
 
@@ -82,6 +83,7 @@ class Page:
     missing: list[tuple[Any, Any, Any, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     warning: str | None = None
+    headline: str | None = None
 
 
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
@@ -181,6 +183,8 @@ def render_html(page: Page) -> str:
              f"<title>{html.escape(page.title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
              "<header>", f"<h1>{html.escape(page.title)}</h1>",
              "<nav>" + "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in nav) + "</nav>", "</header>", "<main>"]
+    if page.headline:
+        parts.append(f'<p class="headline" id="headline"><strong>Headline.</strong> {inline(page.headline)}</p>')
     if page.warning:
         parts.append(f'<p class="warn">{inline(page.warning)}</p>')
     parts += [f"<p>{inline(p)}</p>" for p in page.intro]

@@ -20,6 +20,7 @@ from ..atomic_io import write_text
 from ..evaluate.evaluation import DEFAULT_RI_MIN_GAP
 from ..methods.expansion import SIMILAR_SUFFIX, similar_base
 from .details import Details, details_status, load_details
+from .findings import finding, headline
 from .figures import (
     DETAIL_FIGURE_FILES,
     DETAIL_FIGURES,
@@ -27,7 +28,7 @@ from .figures import (
     write_detail_figures,
 )
 from .html import FigureBlock, Page, render_html
-from .plots import plot_accuracies, plot_residual_influence
+from .plots import method_order, plot_accuracies, plot_residual_influence
 from .summary import (
     BEST_NOTE,
     IDENTITY_KEYS,
@@ -41,8 +42,6 @@ from .summary import (
     summarize,
 )
 
-RI = "residual_influence"
-ULIRA = "ulira_accuracy_targets"
 
 RESULTS_NAME = "results.json"
 REPORT_NAME = "report.md"
@@ -130,112 +129,6 @@ def _missing_section(absent: Sequence[tuple[Any, Any, Any, Any]]) -> list[str]:
     return lines
 
 
-def _num(mean: float, ci: float) -> str:
-    if not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:.2f}" if not math.isfinite(ci) else f"{mean:.2f} ± {ci:.2f}"
-
-
-def _compare(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """How retrain's RI sits relative to the oracle's, judged by whether the 95% CIs overlap."""
-    (ma, ca), (mb, cb) = a, b
-    if not (math.isfinite(ma) and math.isfinite(mb)):
-        return "cannot compare"
-    if not (math.isfinite(ca) and math.isfinite(cb)):
-        return "no CI with a single seed"
-    if ma - ca > mb + cb:
-        return "retrain higher, CIs do not overlap"
-    if ma + ca < mb - cb:
-        return "retrain lower, CIs do not overlap"
-    return "CIs overlap"
-
-
-def _is_c(value: Any, positive: bool) -> bool:
-    try:
-        c = float(value)
-    except (TypeError, ValueError):
-        return False
-    return c > 0 if positive else c == 0
-
-
-def finding(dataset: Any, rows: Sequence[Mapping[str, Any]]) -> str:
-    """One data-driven sentence comparing retrain's and the oracle's RI with and without near-duplicates."""
-    lookup = {(r["similar"], r["method"]): r for r in rows if r["dataset"] == dataset}
-    similars = list(dict.fromkeys(c for c, _ in lookup))
-    clauses = []
-
-    def pair(c: Any) -> tuple[tuple[float, float], tuple[float, float]] | None:
-        missing = [m for m in ("retrain", "oracle") if (c, m) not in lookup]
-        if missing:
-            clauses.append(f"at C={format_c(c)} there is no {' or '.join(missing)} result")
-            return None
-        return metric_stat(lookup[(c, "retrain")], RI), metric_stat(lookup[(c, "oracle")], RI)
-
-    near = [c for c in similars if _is_c(c, positive=True)]
-    for c in near:
-        got = pair(c)
-        if got:
-            r, o = got
-            clauses.append(f"with C={format_c(c)} near-duplicates, retrain has RI {_num(*r)} "
-                           f"vs the oracle's {_num(*o)} ({_compare(r, o)})")
-    if not near:
-        clauses.append("there is no near-duplicate group (C>0) in the results")
-    control = [c for c in similars if _is_c(c, positive=False)]
-    if control:
-        got = pair(control[0])
-        if got:
-            r, o = got
-            without = "without them" if near else "without near-duplicates"
-            clauses.append(f"{without} (C=0), retrain {_num(*r)} vs oracle {_num(*o)} ({_compare(r, o)})")
-    else:
-        clauses.append("there is no C=0 control group in the results")
-    text = "; ".join(clauses)
-    text = text[0].upper() + text[1:] + "."
-    # Which approximate method comes closest to the oracle where near-duplicates are hardest (largest C).
-    if near:
-        c = max(near, key=float)
-        o_mean = metric_stat(lookup.get((c, "oracle")), RI)[0]
-        others = [(m, metric_stat(row, RI)) for (cc, m), row in lookup.items()
-                  if cc == c and m not in ("original", "retrain", "oracle") and math.isfinite(metric_stat(row, RI)[0])]
-        if others and math.isfinite(o_mean):
-            best, stat = min(others, key=lambda x: abs(x[1][0] - o_mean))
-            text += f" Of the other methods at C={format_c(c)}, `{best}` comes closest to the oracle (RI {_num(*stat)})."
-    text += "".join(_expansion_sentence(lookup, c) for c in similars)
-    text += "".join(_ulira_sentence(lookup, c) for c in similars)
-    return f"**Finding ({dataset}).** {text}"
-
-
-def _ulira_sentence(lookup: Mapping[tuple[Any, Any], Mapping[str, Any]], c: Any) -> str:
-    """U-LiRA at C=c: the attack's power (original), retrain against the oracle, and the methods whose CI
-    stays above the oracle's ("" when the shadow-model metric did not run)."""
-    stats = {m: metric_stat(row, ULIRA) for (cc, m), row in lookup.items() if cc == c}
-    stats = {m: s for m, s in stats.items() if math.isfinite(s[0])}
-    if not {"original", "retrain", "oracle"} <= set(stats):
-        return ""
-    oracle = stats["oracle"]
-    # Separated from the oracle: both CIs defined and disjoint, the method above.
-    above = [m for m, (mean, ci) in stats.items() if m not in ("original", "oracle") and math.isfinite(ci)
-             and math.isfinite(oracle[1]) and mean - ci > oracle[0] + oracle[1]]
-    listed = ", ".join(f"`{m}`" for m in above) if above else "none"
-    return (f" U-LiRA at C={format_c(c)} (0.5 = indistinguishable from never trained on the target): original "
-            f"{_num(*stats['original'])}, retrain {_num(*stats['retrain'])} vs the oracle's {_num(*oracle)} "
-            f"({_compare(stats['retrain'], oracle)}); methods whose CI lies above the oracle's: {listed}.")
-
-
-def _expansion_sentence(lookup: Mapping[tuple[Any, Any], Mapping[str, Any]], c: Any) -> str:
-    """How far the "+similar" rows at C=c move each method's RI towards the oracle's ("" without such rows)."""
-    moves = []
-    for (cc, name), row in lookup.items():
-        base = similar_base(str(name))
-        if cc != c or base is None:
-            continue
-        moves.append(f"`{base}` {_num(*metric_stat(lookup.get((c, base)), RI))} → {_num(*metric_stat(row, RI))}")
-    if not moves:
-        return ""
-    oracle = _num(*metric_stat(lookup.get((c, "oracle")), RI))
-    return f" With the near-duplicates found added (`{SIMILAR_SUFFIX}`) at C={format_c(c)}, RI goes {', '.join(moves)} (oracle {oracle})."
-
-
 def _values(records: Sequence[Mapping[str, Any]], key: str) -> list[Any]:
     """Distinct values of ``key``, sorted when comparable, else in order of appearance."""
     vals = list(dict.fromkeys(r[key] if isinstance(r[key], (int, float, str)) else repr(r[key])
@@ -310,19 +203,21 @@ def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str,
     summary = summarize(records)
     details = load_details(source / DETAILS_NAME)
     # Figures before the reports: if plotting fails, report.md and report.html keep their previous contents.
-    plot_residual_influence(summary, out / RI_PNG)
-    plot_accuracies(summary, out / ACCURACY_PNG)
-    written, errors = write_detail_figures(details, out)
+    plot_residual_influence(summary, out / RI_PNG, records=records)
+    plot_accuracies(summary, out / ACCURACY_PNG, records=records)
+    written, errors = write_detail_figures(details, out, order=method_order(summary))
     datasets = list(dict.fromkeys(r["dataset"] for r in summary))
     expanded = any(similar_base(str(r["method"])) is not None for r in summary)
     intro = INTRO.format(min_gap=DEFAULT_RI_MIN_GAP) + ("\n" + SIMILAR_INTRO.format(suffix=SIMILAR_SUFFIX) if expanded else "")
     setup = _setup(records)
     findings = [finding(d, summary) for d in datasets]
+    top = headline(summary)
     warning = details_status(details) if details.status == "ignored" else None
     notes = _notes(records, details)
     absent = missing_rows(records)
     parts = [
-        f"# {TITLE}", "", *([f"> **Warning.** {warning}", ""] if warning else []), intro,
+        f"# {TITLE}", "", *([f"> **Headline.** {top}", ""] if top else []),
+        *([f"> **Warning.** {warning}", ""] if warning else []), intro,
         "## Setup", "", *setup, "",
         "## Findings", "", *(line for f in findings for line in (f, "")),
         "## Figures", "",
@@ -340,7 +235,7 @@ def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str,
     page = render_html(Page(
         title=TITLE, intro=_paragraphs(intro), setup=[line.removeprefix("- ") for line in setup], findings=findings,
         summary=summary, ri_png=(out / RI_PNG).read_bytes(), accuracy_png=(out / ACCURACY_PNG).read_bytes(),
-        detail_figures=blocks, missing=absent, notes=notes, warning=warning))
+        detail_figures=blocks, missing=absent, notes=notes, warning=warning, headline=top))
     # Both documents are composed before either is written, so they never describe different runs.
     report = out / REPORT_NAME
     write_text(report, "\n".join(parts).rstrip("\n") + "\n")

@@ -25,6 +25,7 @@ DEFAULT_METRIC_ORDER = (
     "target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence",
     "mia_auc", "residual_influence",
 )
+TIME_RATIO = "seconds_vs_retrain"  # summarised as a ratio of medians with a range (ratio_of_medians)
 # The "+similar" rows' near-duplicate search counts sit with the bookkeeping.
 TRAILING_METRICS = ("added", "added_precision", "added_recall", "seconds", "seconds_vs_retrain", "ri_targets_used")
 
@@ -50,8 +51,11 @@ BEST_NOTE = ("Bold marks the best value per column within each (dataset, C) tabl
              "`original` and `oracle`: for forget-quality metrics (accuracy, loss and confidence on the targets and "
              "near-duplicates, MIA/LiRA scores, divergences and distances to the oracle, residual influence, relearn "
              "steps) the value closest to the oracle's; for `retain_acc` / `test_acc` the highest; for `seconds` / "
-             "`seconds_vs_retrain` the lowest. Means are compared as printed (3 decimals); ties are all marked, a column "
-             "where every method ties is not marked, and bookkeeping columns are never marked.")
+             "`seconds_vs_retrain` the lowest. A value is marked only when it is distinguishable from the runner-up: "
+             "its 95% CI (for `seconds_vs_retrain`, its range over seeds) is wholly better than every other method's, "
+             "so most columns have no mark; bookkeeping columns are never marked. `seconds_vs_retrain` is the median "
+             "time of the method over the median time of `retrain` in the same condition, with the range of the "
+             "per-seed ratios in brackets.")
 
 
 def is_number(value: Any) -> bool:
@@ -142,8 +146,26 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             for method in (m for m in method_order if m in by_method):
                 recs = by_method[method]
                 metrics = {name: mean_ci95(r.get(name) for r in recs) for name in names}
+                if TIME_RATIO in metrics:
+                    metrics[TIME_RATIO] = ratio_of_medians(recs, by_method.get("retrain", []))
                 rows.append({"dataset": dataset, "similar": similar, "method": method, "metrics": metrics})
     return rows
+
+
+def ratio_of_medians(recs: Sequence[Mapping[str, Any]], retrain: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
+    """``seconds_vs_retrain`` of one group: median seconds of the method over the median seconds of
+    ``retrain`` in the same condition, with the range (``low``, ``high``) of the per-seed ratios.
+
+    A t-interval of ratios of two noisy wall-clock times is meaningless (it read 5.5 ± 19.2 for a
+    reference under load); the ratio of medians is robust to one slow seed, and the range shows the spread.
+    """
+    seconds = [float(r["seconds"]) for r in recs if is_number(r.get("seconds")) and math.isfinite(r["seconds"])]
+    base = [float(r["seconds"]) for r in retrain if is_number(r.get("seconds")) and math.isfinite(r["seconds"])]
+    per_seed = [float(r[TIME_RATIO]) for r in recs if is_number(r.get(TIME_RATIO)) and math.isfinite(r[TIME_RATIO])]
+    if not seconds or not base or not per_seed:
+        return mean_ci95(per_seed)
+    return {"mean": float(np.median(seconds) / np.median(base)), "ci95": math.nan, "n": len(per_seed),
+            "low": min(per_seed), "high": max(per_seed)}
 
 
 def ordered_metrics(summary: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -174,12 +196,35 @@ def best_rule(metric: str) -> str | None:
     return None
 
 
-def best_cells(rows: Sequence[Mapping[str, Any]], metrics: Iterable[str], digits: int = 3) -> set[tuple[Any, str]]:
-    """(method, metric) pairs holding the best value of each column in one (dataset, C) group of summary rows.
+def interval(stat: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    """The 95% CI of a summary stat as (low, high) — its seed range for a ratio of medians — or None when undefined."""
+    if not stat or stat.get("n", 0) < 2:
+        return None
+    if "low" in stat:
+        return float(stat["low"]), float(stat["high"])
+    mean, ci = stat.get("mean"), stat.get("ci95")
+    if mean is None or ci is None or not (math.isfinite(mean) and math.isfinite(ci)):
+        return None
+    return mean - ci, mean + ci
 
-    Only methods other than :data:`REFERENCE_METHODS` compete, and a column needs two of them with a value.
-    Means are rounded to ``digits`` first, so cells that print alike are judged alike.
-    """
+
+def _score_interval(stat: Mapping[str, Any] | None, rule: str, ref: float) -> tuple[float, float] | None:
+    """The interval of a method's score (lower is better) under ``rule``: its distance to the oracle's
+    mean ``ref``, its negated value (highest wins) or its value (lowest wins)."""
+    bounds = interval(stat)
+    if bounds is None:
+        return None
+    low, high = bounds
+    if rule == CLOSEST_TO_ORACLE:
+        return (0.0 if low <= ref <= high else min(abs(low - ref), abs(high - ref))), max(abs(low - ref), abs(high - ref))
+    return (-high, -low) if rule == HIGHEST else (low, high)
+
+
+def best_cells(rows: Sequence[Mapping[str, Any]], metrics: Iterable[str]) -> set[tuple[Any, str]]:
+    """(method, metric) pairs whose value is the best of its column in one (dataset, C) group of summary
+    rows and distinguishable from the runner-up: the best method's 95% CI of its score lies wholly below
+    every other method's. Only methods other than :data:`REFERENCE_METHODS` compete; a column needs two
+    of them with a defined CI (two seeds or more)."""
     oracle = next((r for r in rows if r["method"] == "oracle"), None)
     candidates = [r for r in rows if r["method"] not in REFERENCE_METHODS]
     marked: set[tuple[Any, str]] = set()
@@ -187,19 +232,17 @@ def best_cells(rows: Sequence[Mapping[str, Any]], metrics: Iterable[str], digits
         rule = best_rule(metric)
         if rule is None:
             continue
-        means = [(r["method"], round(metric_stat(r, metric)[0], digits)) for r in candidates]
-        means = [(m, v) for m, v in means if math.isfinite(v)]
-        if rule == CLOSEST_TO_ORACLE:
-            ref = round(metric_stat(oracle, metric)[0], digits)
-            if not math.isfinite(ref):
-                continue
-            scores = [(m, round(abs(v - ref), digits)) for m, v in means]
-        else:
-            scores = [(m, -v if rule == HIGHEST else v) for m, v in means]
-        if len(scores) < 2 or len({s for _, s in scores}) == 1:
-            continue  # nothing to compare against, or every method ties
-        best = min(s for _, s in scores)
-        marked |= {(m, metric) for m, s in scores if s == best}
+        ref = metric_stat(oracle, metric)[0]
+        if rule == CLOSEST_TO_ORACLE and not math.isfinite(ref):
+            continue
+        scores = [(r["method"], _score_interval(r["metrics"].get(metric), rule, ref)) for r in candidates]
+        # Rounded so that equal values computed along different float paths tie (|0.3 − 0.2| vs |0.1 − 0.2|).
+        scores = [(m, (round(s[0], 9), round(s[1], 9))) for m, s in scores if s is not None]
+        if len(scores) < 2:
+            continue
+        best_method, (_, best_high) = min(scores, key=lambda item: (item[1][0] + item[1][1]) / 2)
+        if all(best_high < low for m, (low, _) in scores if m != best_method):
+            marked.add((best_method, metric))
     return marked
 
 
@@ -211,12 +254,15 @@ def format_c(similar: Any) -> str:
 
 
 def format_cell(stat: Mapping[str, Any] | None, digits: int = 3) -> str:
-    """``0.812 ± 0.041``; just the mean when the CI is undefined; ``n/a`` when the mean is."""
+    """``0.812 ± 0.041``; ``1.03 (0.80–1.40)`` for a ratio of medians with its range over seeds; just the
+    mean when the CI is undefined; ``n/a`` when the mean is."""
     if not stat:
         return "n/a"
     mean, ci = stat.get("mean", math.nan), stat.get("ci95", math.nan)
     if mean is None or not math.isfinite(mean):
         return "n/a"
+    if "low" in stat and stat["n"] > 1:
+        return f"{mean:.{digits}f} ({stat['low']:.{digits}f}–{stat['high']:.{digits}f})"
     if ci is None or not math.isfinite(ci):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {ci:.{digits}f}"
