@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import stats
 
 from unlearn_fast.report import build_report, format_table, plot_accuracies, plot_residual_influence, summarize
 from unlearn_fast.report import markdown as report_markdown
+from unlearn_fast.report.plots import ri_figure
 from unlearn_fast.report.summary import RESULTS_SCHEMA_VERSION
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -144,9 +146,16 @@ def test_plots_write_png_and_handle_nan(tmp_path: Path) -> None:
             r["residual_influence"] = None  # a whole C group without RI
     summary = summarize(recs)
     for fn, name in ((plot_residual_influence, "ri.png"), (plot_accuracies, "acc.png")):
-        out = fn(summary, tmp_path / name)
-        assert out == tmp_path / name and out.read_bytes()[:8] == PNG_MAGIC
+        for records in (None, recs):  # means only, and a dot per seed (NaN seeds drawn as nothing)
+            out = fn(summary, tmp_path / name, records=records)
+            assert out == tmp_path / name and out.read_bytes()[:8] == PNG_MAGIC
+            width, height = Image.open(out).size
+            assert width <= 2.2 * height  # no strip: panels wrap into a grid
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acc.png", "ri.png"]  # no temp files left
+    ri = ri_figure(summary, recs)
+    control = next(ax for ax in ri.axes if "control" in ax.get_title())
+    assert [t.get_text() for t in control.texts] == ["no residual_influence values"]  # said once, not a row of n/a
+    assert all(ax.get_xscale() == "linear" for ax in ri.axes)
 
 
 def test_build_report(tmp_path: Path) -> None:

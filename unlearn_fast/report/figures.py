@@ -1,114 +1,117 @@
 """Figures from ``details.json``: MIA ROC curves, U-LiRA per-target accuracy, and image grids of the targets.
 
-Like :mod:`.plots`, every figure is a bare ``matplotlib.figure.Figure`` saved atomically through
-:func:`.plots._save`. :data:`DETAIL_FIGURES` names each figure's file, title and the part of a
-condition it needs; Markdown and HTML both walk that one table, so they show the same figures and
-say the same thing when a part is missing.
+Like :mod:`.plots` (whose layout rules they follow: methods in the tables' order, panels in a grid no
+wider than 2:1), every figure is a bare ``matplotlib.figure.Figure`` saved atomically through
+:func:`.plots.save_figure`. details.json holds one seed (the study keeps per-sample evidence for seed 0
+only), and every title names it. :data:`DETAIL_FIGURES` names each figure's file, title, caption and
+the part of a condition it needs; Markdown and HTML both walk that one table, so they show the same
+figures and say the same thing when a part is missing.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from sklearn.metrics import roc_curve
 
 from ..evaluate.mia import threshold_auc
 from .details import Condition, Details
-from .plots import _save
+from .plots import MAX_ASPECT, ROW_HEIGHT, dot_legend, dot_rows, hide_repeated_labels, in_order, panel_grid, save_figure, seeds_text
 
 MIA_ROC_PNG = "mia_roc.png"
 ULIRA_PNG = "ulira.png"
 GRIDS_PNG = "targets.png"
-# Reference models first, the oracle last, so columns and legends read original → ... → oracle.
-_FIRST, _LAST = ("original", "retrain"), ("oracle",)
 _REF_STYLE = {"original": ("black", "-"), "retrain": ("tab:red", "--"), "oracle": ("tab:green", "-.")}
-# The other models cycle through colours that none of the references use.
+# The other models cycle through colours that none of the references use, then through line styles.
 _PALETTE = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
-_MISSING_CELL = (0.86, 0.86, 0.9)  # a grid cell with no image (fewer near-duplicates than columns)
-_PANEL_COLUMNS = 3
+_STYLES = ("-", "--", ":")
+# Block-masked pixels are 0, as black as a digit's background, so a near-duplicate shows them in a colour
+# that neither the images (greyscale digits) nor the grid uses. Mid-grey would be taken for ink: the digits
+# have 17 grey levels.
+MASKED_PIXEL = (1.0, 0.55, 0.0)  # orange
+MISSING_CELL = (0.86, 0.86, 0.9)  # a light-grey grid cell with no image (fewer near-duplicates than rows)
+_CELL = 0.6  # inches per image in the grids
 
 
-def model_order(names: Sequence[str]) -> list[str]:
-    """``original``, ``retrain``, the others in their order, then ``oracle``."""
-    names = list(dict.fromkeys(names))
-    return [n for n in _FIRST if n in names] + [n for n in names if n not in _FIRST + _LAST] + [n for n in _LAST if n in names]
+def _seeds(conditions: Sequence[Condition]) -> str:
+    return seeds_text(c.seed for c in conditions)
+
+
+def _title(cond: Condition) -> str:
+    return f"{cond.label}, seed {cond.seed}" if cond.seed is not None else cond.label
 
 
 def _styles(names: Sequence[str]) -> dict[str, tuple[str, str]]:
     """(colour, line style) per model: fixed ones for the references, the palette in order for the rest."""
     others = [n for n in names if n not in _REF_STYLE]
-    return {n: _REF_STYLE.get(n) or (_PALETTE[others.index(n) % len(_PALETTE)], "-") for n in names}
+    return {n: _REF_STYLE.get(n) or (_PALETTE[others.index(n) % len(_PALETTE)],
+                                     _STYLES[others.index(n) // len(_PALETTE) % len(_STYLES)]) for n in names}
 
 
-def _panels(n: int, width: float, height: float) -> tuple[Figure, list]:
-    """A figure with ``n`` panels, at most :data:`_PANEL_COLUMNS` a row; spare panels hidden."""
-    cols = min(n, _PANEL_COLUMNS)
-    rows = -(-n // cols)
-    fig = Figure(figsize=(width * cols, height * rows))
-    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
+def mia_roc_figure(conditions: Sequence[Condition], order: Sequence[str] = ()) -> Figure:
+    """ROC curves of the loss-threshold MIA (targets = members vs test samples), one curve per model in ``order``.
 
-
-def plot_mia_roc(conditions: Sequence[Condition], path: str | os.PathLike[str]) -> Path:
-    """ROC curves of the loss-threshold MIA (targets = members vs test samples), one curve per model.
-
-    One panel per condition; the legend gives each model's AUC (0.5 = targets look like unseen data).
+    One panel per condition; the legend under it gives each model's AUC (0.5 = targets look like unseen data).
     """
-    fig, axes = _panels(len(conditions), 6.2, 4.8)
+    n_models = max(len(c.mia_scores) for c in conditions)
+    fig, axes = panel_grid(len(conditions), 5.0, 4.6 + 0.17 * math.ceil(n_models / 2), extra_height=0.4)
     for ax, cond in zip(axes, conditions):
-        names = model_order(list(cond.mia_scores))
+        names = in_order(cond.mia_scores, order)
         styles = _styles(names)
         for name in names:
             members, nonmembers = cond.mia_scores[name]
             truth = np.r_[np.ones(members.size), np.zeros(nonmembers.size)]
-            scores = np.r_[members, nonmembers]
-            fpr, tpr, _ = roc_curve(truth, scores)
+            fpr, tpr, _ = roc_curve(truth, np.r_[members, nonmembers])
             color, line = styles[name]
-            width = 2.0 if name in _REF_STYLE else 1.2
             auc = threshold_auc(torch.as_tensor(members), torch.as_tensor(nonmembers))  # the metrics' one AUC
-            ax.plot(fpr, tpr, color=color, linestyle=line, linewidth=width, label=f"{name} (AUC {auc:.2f})")
+            ax.plot(fpr, tpr, color=color, linestyle=line, linewidth=2.0 if name in _REF_STYLE else 1.2,
+                    label=f"{name} (AUC {auc:.2f})")
         ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="chance")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
-        ax.set_xlabel("false positive rate (test samples called members)")
-        ax.set_ylabel("true positive rate (targets called members)")
-        seed = f", seed {cond.seed}" if cond.seed is not None else ""
-        ax.set_title(f"{cond.label}{seed}")
-        ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+        ax.set_xlabel("false positive rate (test samples called members)", fontsize=9)
+        ax.set_ylabel("true positive rate (targets called members)", fontsize=9)
+        ax.set_title(_title(cond), fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    fig.suptitle(f"Loss-threshold membership inference on the forget targets ({_seeds(conditions)})", fontsize=11)
+    return fig
 
 
-def plot_ulira(conditions: Sequence[Condition], path: str | os.PathLike[str]) -> Path:
-    """U-LiRA attack accuracy per target (dots) and its mean (bar) per method; 0.5 is the ideal."""
-    n_methods = max(len(c.ulira_accuracy) for c in conditions)
-    fig, axes = _panels(len(conditions), max(5.0, 1.4 + 0.9 * n_methods), 4.2)
-    for ax, cond in zip(axes, conditions):
-        methods = model_order(list(cond.ulira_accuracy))
-        styles = _styles(methods)
-        for x, name in enumerate(methods):
-            acc = cond.ulira_accuracy[name]
-            spread = np.linspace(-0.25, 0.25, acc.size) if acc.size > 1 else np.zeros(1)
-            color = styles[name][0]
-            ax.scatter(x + spread, acc, s=18, color=color, alpha=0.8, zorder=3)
-            ax.hlines(float(acc.mean()), x - 0.35, x + 0.35, color="black", linewidth=2, zorder=4)
-        ax.axhline(0.5, linestyle="--", color="tab:green", linewidth=1, label="0.5 = ideal (attack at chance)")
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=20, ha="right")
-        ax.set_xlim(-0.6, len(methods) - 0.4)
-        ax.set_ylim(-0.02, 1.05)
-        ax.set_ylabel("U-LiRA accuracy per target")
-        seed = f", seed {cond.seed}" if cond.seed is not None else ""
-        ax.set_title(f"{cond.label}{seed} (dots: targets, bar: mean)")
-        ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+def plot_mia_roc(conditions: Sequence[Condition], path: str | os.PathLike[str], order: Sequence[str] = ()) -> Path:
+    """Draw :func:`mia_roc_figure` and write it as a PNG atomically to ``path``."""
+    return save_figure(mia_roc_figure(conditions, order), path)
+
+
+def ulira_figure(conditions: Sequence[Condition], order: Sequence[str] = ()) -> Figure:
+    """U-LiRA attack accuracy per method: a dot per target, a black bar at the mean over targets; 0.5 is the ideal."""
+    rows = [in_order(c.ulira_accuracy, order) for c in conditions]
+    n_rows = max(len(r) for r in rows)
+    fig, axes = panel_grid(len(conditions), 4.3, ROW_HEIGHT * n_rows + 1.0, max_cols=2, extra_height=0.9)
+    for ax, cond, methods in zip(axes, conditions, rows):
+        values = [cond.ulira_accuracy[m] for m in methods]
+        dot_rows(ax, methods, values, [float(v.mean()) for v in values], color="tab:purple", xlim=(-0.03, 1.03))
+        ax.axvline(0.5, linestyle="--", color="tab:green", linewidth=1.2, zorder=1)
+        ax.set_xlabel("U-LiRA accuracy on one target", fontsize=9)
+        ax.set_title(_title(cond), fontsize=10)
+    hide_repeated_labels(axes, rows, min(len(conditions), 2))
+    handles = [*dot_legend("tab:purple", "one forget target"),
+               Line2D([], [], linestyle="--", color="tab:green", label="0.5 = ideal (unlearned cannot be told from never trained)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"U-LiRA accuracy per forget target ({_seeds(conditions)}; bar: mean over targets)", fontsize=11)
+    return fig
+
+
+def plot_ulira(conditions: Sequence[Condition], path: str | os.PathLike[str], order: Sequence[str] = ()) -> Path:
+    """Draw :func:`ulira_figure` and write it as a PNG atomically to ``path``."""
+    return save_figure(ulira_figure(conditions, order), path)
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -116,61 +119,98 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:
         image = image[None]
     if image.shape[0] >= 3:
-        return np.transpose(image[:3], (1, 2, 0))
-    return np.repeat(image[0][..., None], 3, axis=2)
+        return np.transpose(image[:3], (1, 2, 0)).astype(float)
+    return np.repeat(image[0][..., None], 3, axis=2).astype(float)
 
 
-def _grid_columns(cond: Condition) -> tuple[list[str], list[list[np.ndarray | None]]]:
-    """Column titles and one row of images (None: no image) per shown target."""
-    n_near = max((len(g) for g in cond.near_duplicates), default=0)
-    recon = model_order(list(cond.reconstructions))
-    titles = ["target", *(f"near-dup {j + 1}" for j in range(n_near)), *(f"recon: {m}" for m in recon)]
-    rows = []
-    for i, target in enumerate(cond.targets):
-        near = cond.near_duplicates[i] if i < len(cond.near_duplicates) else []
-        rows.append([target, *(near[j] if j < len(near) else None for j in range(n_near)),
-                     *(cond.reconstructions[m][i] for m in recon)])
-    return titles, rows
+def show_masked(near: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """A near-duplicate [H, W, 3] with the pixels its block mask zeroed painted :data:`MASKED_PIXEL`.
+
+    details.json keeps images, not masks. A block-masked copy equals its target except where the mask set
+    every channel to 0, so "0 here, not 0 in the target" finds those pixels; masked pixels that were
+    already 0 in the target look the same either way and stay as they are.
+    """
+    zeroed = (near == 0).all(axis=-1) & (target != 0).any(axis=-1)
+    out = near.copy()
+    out[zeroed] = MASKED_PIXEL
+    return out
+
+
+def _grid_rows(cond: Condition, order: Sequence[str]) -> tuple[list[str], list[list[np.ndarray | None]], int]:
+    """Row labels and rows of [H, W, 3] images (a column per shown target; None: no image), and how many
+    rows hold data (the target and its near-duplicates) before the reconstructions."""
+    targets = [_rgb(t) for t in cond.targets]
+    near = [[_rgb(img) for img in cond.near_duplicates[i]] if i < len(cond.near_duplicates) else [] for i in range(len(targets))]
+    n_near = max((len(g) for g in near), default=0)
+    recon = in_order(cond.reconstructions, order)
+    labels = ["target", *(f"near-dup {j + 1}" for j in range(n_near)), *(f"recon: {m}" for m in recon)]
+    rows: list[list[np.ndarray | None]] = [list(targets)]
+    rows += [[show_masked(g[j], t) if j < len(g) else None for g, t in zip(near, targets)] for j in range(n_near)]
+    rows += [[_rgb(img) for img in cond.reconstructions[m]] for m in recon]
+    return labels, rows, 1 + n_near
 
 
 def _mosaic(rows: list[list[np.ndarray | None]], pad: int) -> np.ndarray:
     """Tile the images into one [H, W, 3] array with ``pad`` white pixels between cells."""
-    first = _rgb(rows[0][0])  # every row starts with its target
-    h, w = first.shape[:2]
-    n_cols = len(rows[0])
-    out = np.ones((len(rows) * (h + pad) + pad, n_cols * (w + pad) + pad, 3))
+    h, w = rows[0][0].shape[:2]  # the first row holds the targets, which every column has
+    out = np.ones((len(rows) * (h + pad) + pad, len(rows[0]) * (w + pad) + pad, 3))
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             top, left = pad + i * (h + pad), pad + j * (w + pad)
-            out[top:top + h, left:left + w] = _MISSING_CELL if img is None else _rgb(img)
+            out[top:top + h, left:left + w] = MISSING_CELL if img is None else img
     return out
 
 
-def plot_target_grids(conditions: Sequence[Condition], path: str | os.PathLike[str]) -> Path:
-    """Per condition, one row per shown target: the target, its near-duplicates, and its reconstruction
-    under each model (original, retrain, the methods, oracle). Grey cells: no such near-duplicate."""
-    grids = [(cond, *_grid_columns(cond)) for cond in conditions]
-    n_cols = max(len(titles) for _, titles, _ in grids)
-    heights = [len(rows) for _, _, rows in grids]
-    fig = Figure(figsize=(1.6 + 0.8 * n_cols, 1.5 * len(grids) + 0.8 * sum(heights)))
-    axes = fig.subplots(len(grids), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
-    for ax, (cond, titles, rows) in zip(axes, grids):
-        h, w = _rgb(rows[0][0]).shape[:2]
+def _grid_layout(shapes: Sequence[tuple[int, int]]) -> tuple[int, list[float], list[float]]:
+    """Columns of the condition grid, with the column widths and row heights in inches.
+
+    ``shapes`` are (rows, columns) of images per condition. Each candidate column count is sized with
+    room for labels; the one closest to a 4:3 page-friendly shape that keeps within :data:`MAX_ASPECT` wins.
+    """
+    best = None
+    for cols in range(1, min(len(shapes), 3) + 1):
+        grid = [shapes[i:i + cols] for i in range(0, len(shapes), cols)]
+        widths = [1.6 + _CELL * max(row[j][1] for row in grid if j < len(row)) for j in range(cols)]
+        heights = [1.1 + _CELL * max(r for r, _ in row) for row in grid]
+        aspect = sum(widths) / sum(heights)
+        score = (aspect > MAX_ASPECT, abs(math.log(aspect / (4 / 3))))
+        if best is None or score < best[0]:
+            best = (score, cols, widths, heights)
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def target_grid_figure(conditions: Sequence[Condition], order: Sequence[str] = ()) -> Figure:
+    """Per condition, a column per shown target: the target, its near-duplicates (block-masked pixels in
+    orange), and its reconstruction under each model in ``order``."""
+    grids = [(cond, *_grid_rows(cond, order)) for cond in conditions]
+    cols, widths, heights = _grid_layout([(len(rows), len(rows[0])) for _, _, rows, _ in grids])
+    fig_w = max(sum(widths), 6.0)  # room for the two-line title
+    fig = Figure(figsize=(fig_w, max(sum(heights) + 0.4, fig_w / MAX_ASPECT)), layout="constrained")
+    spec = fig.add_gridspec(len(heights), cols, width_ratios=widths, height_ratios=heights)
+    for k, (cond, labels, rows, n_data) in enumerate(grids):
+        ax = fig.add_subplot(spec[k // cols, k % cols])
+        h, w = rows[0][0].shape[:2]
         pad = max(1, h // 8)
         ax.imshow(_mosaic(rows, pad), interpolation="nearest", vmin=0.0, vmax=1.0)
-        ax.set_xticks([pad + j * (w + pad) + w / 2 - 0.5 for j in range(len(titles))])
-        ax.set_xticklabels(titles, rotation=35, ha="left", fontsize=8)
+        ax.set_xticks([pad + j * (w + pad) + w / 2 - 0.5 for j in range(len(rows[0]))])
+        ax.set_xticklabels([f"id {t}" for t in cond.target_ids], rotation=35, ha="left", fontsize=8)
         ax.xaxis.tick_top()
         ax.set_yticks([pad + i * (h + pad) + h / 2 - 0.5 for i in range(len(rows))])
-        ax.set_yticklabels([f"id {t}" for t in cond.target_ids], fontsize=8)
+        ax.set_yticklabels(labels, fontsize=8)
         ax.tick_params(length=0)
-        n_near = sum(t.startswith("near-dup") for t in titles)
-        if len(titles) > 1 + n_near:  # a rule between the data images and the reconstructions
-            ax.axvline(pad / 2 - 0.5 + (1 + n_near) * (w + pad), color="black", linewidth=1.5)
-        seed = f", seed {cond.seed}" if cond.seed is not None else ""
-        missing = "" if cond.reconstructions else " (no reconstructions in details.json)"
-        ax.set_xlabel(f"{cond.label}{seed}{missing}", fontsize=10)
-    return _save(fig, path)
+        if len(rows) > n_data:  # a rule between the data images and the reconstructions
+            ax.axhline(pad / 2 - 0.5 + n_data * (h + pad), color="black", linewidth=1.5)
+        missing = "" if cond.reconstructions else "\n(no reconstructions in details.json)"
+        ax.set_xlabel(f"{_title(cond)}{missing}", fontsize=10)
+    fig.suptitle(f"Forget targets, their near-duplicates (orange: masked pixels)\nand reconstructions ({_seeds(conditions)})",
+                 fontsize=10)
+    return fig
+
+
+def plot_target_grids(conditions: Sequence[Condition], path: str | os.PathLike[str], order: Sequence[str] = ()) -> Path:
+    """Draw :func:`target_grid_figure` and write it as a PNG atomically to ``path``."""
+    return save_figure(target_grid_figure(conditions, order), path)
 
 
 @dataclass(frozen=True)
@@ -182,30 +222,38 @@ class DetailFigure:
     caption: str
     part: str
     has: Callable[[Condition], bool]
-    plot: Callable[[Sequence[Condition], str | os.PathLike[str]], Path]
+    plot: Callable[[Sequence[Condition], str | os.PathLike[str], Sequence[str]], Path]
 
 
+# The study keeps per-sample evidence for its first seed only (study_details), while the tables average all seeds.
+SEED_NOTE = "Seed 0 only: details.json keeps per-sample values for the first seed; the tables and the figures above average all seeds."
 DETAIL_FIGURES = (
     DetailFigure(MIA_ROC_PNG, "Membership inference: ROC curves",
                  "ROC of the loss-threshold attack (score −loss): forget targets as members against test samples as "
-                 "non-members, per model. A curve on the diagonal (AUC 0.5) means the targets look like unseen data.",
+                 "non-members, one curve per model, listed in the tables' order. A curve on the diagonal (AUC 0.5) "
+                 f"means the targets look like unseen data. {SEED_NOTE}",
                  "MIA scores (`mia_scores`)", lambda c: bool(c.mia_scores), plot_mia_roc),
-    DetailFigure(ULIRA_PNG, "U-LiRA per-target accuracy",
-                 "Accuracy of the U-LiRA attack (shadow models) on each target, per method; 0.5 is ideal "
-                 "(the attack cannot tell unlearned from never-seen).",
+    DetailFigure(ULIRA_PNG, "U-LiRA per-target accuracy (seed 0)",
+                 "Accuracy of the U-LiRA attack (shadow models) per method, in the tables' order: each dot one forget "
+                 "target, the black bar their mean. 0.5 (dashed) is ideal: the attack cannot tell unlearned from "
+                 f"never-seen. {SEED_NOTE}",
                  "U-LiRA accuracies (`ulira_accuracy`; shadow models were off or not computed)",
                  lambda c: bool(c.ulira_accuracy), plot_ulira),
     DetailFigure(GRIDS_PNG, "Targets, near-duplicates and reconstructions",
-                 "Each row is one forget target: the target, its planted near-duplicates, and its reconstruction under "
-                 "each model (original, retrain, the methods, oracle). Grey cells: no such near-duplicate.",
+                 "Each column is one forget target: the target, its planted near-duplicates, and (below the rule) its "
+                 "reconstruction under each model, in the tables' order. Orange pixels are the blocks a near-duplicate's "
+                 "mask set to 0 (masked pixels that were already black in the target stay black); a light-grey cell: "
+                 f"the target has fewer near-duplicates than the grid has rows. {SEED_NOTE}",
                  "target images (`image_shape` is null for non-image inputs, or no images were stored)",
                  lambda c: bool(c.targets), plot_target_grids),
 )
 DETAIL_FIGURE_FILES = tuple(f.name for f in DETAIL_FIGURES)
 
 
-def write_detail_figures(details: Details, out: str | os.PathLike[str]) -> tuple[dict[str, Path], dict[str, str]]:
-    """Draw every figure of :data:`DETAIL_FIGURES` that some condition has data for.
+def write_detail_figures(details: Details, out: str | os.PathLike[str],
+                         order: Sequence[str] = ()) -> tuple[dict[str, Path], dict[str, str]]:
+    """Draw every figure of :data:`DETAIL_FIGURES` that some condition has data for, methods in ``order``
+    (:func:`.plots.method_order` of the summary, so they match the tables; by default, details.json's own order).
 
     Returns (name → written path, name → why it could not be drawn). details.json is optional
     evidence, so a figure whose data passed the checks but still fails to plot is reported in the
@@ -217,7 +265,7 @@ def write_detail_figures(details: Details, out: str | os.PathLike[str]) -> tuple
         if not conditions:
             continue
         try:
-            written[spec.name] = spec.plot(conditions, Path(out) / spec.name)
+            written[spec.name] = spec.plot(conditions, Path(out) / spec.name, order)
         except Exception as exc:  # noqa: BLE001 -- optional evidence must not sink the report
             errors[spec.name] = f"Not shown: drawing it from details.json failed ({type(exc).__name__}: {exc})."
     return written, errors

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .plots import ACCURACY_CAPTION, RI_CAPTION
 from .summary import (
     BEST_NOTE,
     REFERENCE_METHODS,
@@ -192,12 +193,11 @@ def render_html(page: Page) -> str:
     parts += _section("findings", "Findings", [f"<p>{inline(f)}</p>" for f in page.findings])
     parts += _section("residual-influence", "Residual influence with and without near-duplicates", [
         _figure(page.ri_png, "Residual influence by method and C",
-                "Mean residual influence per method, one bar per near-duplicate count C, 95% CI error bars: "
-                "1 = the targets' influence fully remains, 0 = the oracle's level."),
+                RI_CAPTION),
         ri_table(page.summary)])
     parts += _section("accuracy", "Accuracy on targets, near-duplicates and test data", [
         _figure(page.accuracy_png, "Target, near-duplicate and test accuracy by method",
-                "Accuracy on the targets, their near-duplicates and held-out test data, per method and C (95% CI).")])
+                ACCURACY_CAPTION)])
     for fig in page.detail_figures:
         body = [_figure(fig.png, fig.title, fig.caption)] if fig.png is not None else [f'<p class="note">{inline(fig.note)}</p>']
         parts += _section(fig.anchor, fig.title, body)

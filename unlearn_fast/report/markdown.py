@@ -28,7 +28,7 @@ from .figures import (
     write_detail_figures,
 )
 from .html import FigureBlock, Page, render_html
-from .plots import method_order, plot_accuracies, plot_residual_influence
+from .plots import ACCURACY_CAPTION, RI_CAPTION, method_order, plot_accuracies, plot_residual_influence
 from .summary import (
     BEST_NOTE,
     IDENTITY_KEYS,
@@ -221,8 +221,8 @@ def build_report(out_dir: str | os.PathLike[str], records: Sequence[Mapping[str,
         "## Setup", "", *setup, "",
         "## Findings", "", *(line for f in findings for line in (f, "")),
         "## Figures", "",
-        f"![Residual influence by method and C]({RI_PNG})", "",
-        f"![Target, near-duplicate and test accuracy by method]({ACCURACY_PNG})", "",
+        f"![Residual influence by method and C]({RI_PNG})", "", f"*{RI_CAPTION}*", "",
+        f"![Target, near-duplicate and test accuracy by method]({ACCURACY_PNG})", "", f"*{ACCURACY_CAPTION}*", "",
         *_detail_sections(details, written, errors),
         "## Results (mean ± 95% CI over seeds)", "", BEST_NOTE, "",
         format_table(summary, style="markdown"),
