@@ -150,7 +150,8 @@ def test_study_row_and_report(tmp_path):
     assert "added" not in records[1]
     report = (tmp_path / "report.md").read_text()
     assert "**Similarity-aware rows.**" in report
-    assert "With the near-duplicates found added (`+similar`) at C=2, RI goes `retrain` " in report
+    # A quick run on 5 targets leaves no target with a measurable RI gap: no headline rather than "RI n/a".
+    assert "**Headline.**" not in report and "RI n/a" not in report
 
 
 def test_finding_reports_the_change_per_method():
@@ -158,4 +159,5 @@ def test_finding_reports_the_change_per_method():
                for s in range(2) for m, ri in [("original", 1.0), ("retrain", 0.8), ("oracle", 0.0),
                                                ("retrain+similar", 0.1), ("influence+similar", 0.2)]]
     text = report_markdown.finding("d", summarize(records))
-    assert "RI goes `retrain` 0.80 ± 0.00 → 0.10 ± 0.00, `influence` n/a → 0.20 ± 0.00 (oracle 0.00 ± 0.00)." in text
+    # Only moves beyond the CIs are named: influence has no base row to move from.
+    assert "moves RI: `retrain` 0.80 ± 0.00 → 0.10 ± 0.00 (oracle 0.00 ± 0.00)." in text and "`influence`" not in text

@@ -83,6 +83,8 @@ def headline(summary: Sequence[Mapping[str, Any]]) -> str | None:
         c = max(near, key=lambda value: float(value))
         metric = ri_metric([row for (cc, _), row in lookup.items() if cc == c])
         retrain, oracle = metric_stat(lookup[(c, "retrain")], metric), metric_stat(lookup[(c, "oracle")], metric)
+        if not (math.isfinite(retrain[0]) and math.isfinite(oracle[0])):
+            continue  # no target carried measurable influence (every gap below ri_min_gap): nothing to state
         what = "median RI" if metric == RI_MEDIAN else "RI"
         seeds = (lookup[(c, "retrain")]["metrics"].get(metric) or {}).get("n")
         text = (f"With {format_c(c)} near-duplicates per target ({dataset}, {seeds} seed{'' if seeds == 1 else 's'}), "
