@@ -192,4 +192,17 @@ def test_the_terminal_shows_the_headline_first(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("Headline. With 10 near-duplicates per target (d, 3 seeds), retraining without the targets "
                           "(retrain) leaves RI 0.91 ± 0.02")
-    assert f"open {tmp_path / 'report.html'}" in out.splitlines()[-1]
+    wrote = out.splitlines()[-1]
+    assert f"open {tmp_path / 'report.html'}" in wrote
+    assert all(f" {p.name}" in wrote for p in tmp_path.iterdir())  # every file of the set is named
+
+
+def test_report_into_an_unwritable_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    study.write_results(tmp_path, [_record(method=m) for m in ("original", "retrain", "oracle")])
+
+    def denied(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic_io.tempfile, "mkdtemp", denied)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "Permission denied" in _one_line_error(capsys)
