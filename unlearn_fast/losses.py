@@ -1,4 +1,4 @@
-"""The one loss convention (ARCHITECTURE.md).
+"""The one loss convention (docs/architecture.md).
 
 A loss is a name applied as ``loss(model(inputs), targets)`` per sample (``cross_entropy``: the
 usual per-sample cross-entropy; ``mse``: the squared error summed over output dimensions), or a callable
@@ -8,11 +8,12 @@ usual per-sample cross-entropy; ``mse``: the squared error summed over output di
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -75,3 +76,29 @@ def per_sample_loss(model: nn.Module, loss: Loss, batch: Batch) -> torch.Tensor:
     if out.dim() != 1 or out.shape[0] != batch[0].shape[0]:
         raise ValueError(f"loss must return per-sample losses of shape [{batch[0].shape[0]}], got {tuple(out.shape)}")
     return out
+
+
+class _LossOf(nn.Module):
+    """``loss(model, batch)`` as a module that holds ``model`` as its submodule ``model``, so that
+    ``functional_call`` on it swaps the model's own tensors for the call and the loss still gets the model."""
+
+    def __init__(self, model: nn.Module, loss: Loss) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return per_sample_loss(self.model, self.loss, batch)
+
+
+def per_sample_loss_at(model: nn.Module, loss: Loss, batch: Batch, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`per_sample_loss` with ``model``'s parameters and buffers named in ``state`` (name → tensor,
+    any of ``named_parameters`` / ``named_buffers``) replaced by those tensors for this one call
+    (torch.func.functional_call: differentiable in ``state``, under ``grad``, ``vjp`` and ``vmap`` too).
+
+    A callable loss is handed ``model`` itself, not a wrapper: it may call it by keyword
+    (``model(input_ids=..., attention_mask=...)``), read ``model.config`` or any other attribute, test
+    ``isinstance`` and ``model.training``, and a parameter it reads directly (``model.lm_head.weight``)
+    is the one in ``state``. Tied parameters follow the name given in ``state``. The model's own
+    tensors are back in place when the call returns.
+    """
+    return functional_call(_LossOf(model, loss), {f"model.{n}": t for n, t in state.items()}, (batch,))

@@ -11,7 +11,7 @@ Notation: θ ∈ R^P the trainable parameters (``trainable(model, layers)``), N 
 
 The training objective is L(θ) + (λ/2)‖θ‖² (torch SGD's ``weight_decay=λ``), whose curvature adds λ I;
 ``damping`` δ adds δ I on top. A vector v is flat [P] / [K, P] or a dict name → [*shape] / [K, *shape]
-(ARCHITECTURE.md); the K products are computed together (vmapped) and the result has v's form,
+(docs/architecture.md); the K products are computed together (vmapped) and the result has v's form,
 shape, dtype and device.
 
 Per batch of B samples and K vectors:
@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..data.similar_dataset import as_tensors
-from ..losses import NAMED_LOSSES, Loss, check_loss, output_loss, per_sample_loss
+from ..losses import NAMED_LOSSES, Loss, check_loss, output_loss, per_sample_loss_at
 from ..modes import eval_mode
 from ..validation import check_choice, check_number, check_positive_int, resolve_device
 from .model_state import content_stamp, counting_activations
@@ -73,18 +73,6 @@ FACTORED_GGN_MIN_VECTORS = 4
 MAX_MEMORY_BATCH = 2048
 
 Data = Dataset | tuple[torch.Tensor, torch.Tensor]
-
-
-class _LossModule(nn.Module):
-    """(inputs, labels) → per-sample losses, so that ``functional_call`` can swap the parameters of a
-    model used by a callable loss (which calls the model however it likes)."""
-
-    def __init__(self, model: nn.Module, loss: Loss) -> None:
-        super().__init__()
-        self.model, self.loss = model, loss
-
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return per_sample_loss(self.model, self.loss, (inputs, labels))
 
 
 def _data_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +128,6 @@ class CurvatureOperator:
         inputs, labels = _data_tensors(data)
         self.n = inputs.shape[0]
         self.inputs, self.labels = self.on_device((inputs, labels))
-        self._wrapper = None if isinstance(self.loss, str) else _LossModule(model, self.loss)
         self._batched_double_backward = True  # falls back to a loop over K if vmap cannot batch a backward op
         self._model_device = first.device
         self._factored_ggn: bool | None = None  # decided on the first GGN product (_ggn_is_factored)
@@ -321,10 +308,10 @@ class CurvatureOperator:
         return vmap(pullback)(u.to(z.dtype))[0]
 
     def _losses(self, values: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._wrapper is None:
-            return output_loss(self.loss, self._forward(values, x), y)  # type: ignore[arg-type]
-        state = {f"model.{n}": t for n, t in {**self._fixed, **values}.items()}
-        return functional_call(self._wrapper, state, (x, y))
+        if isinstance(self.loss, str):
+            return output_loss(self.loss, self._forward(values, x), y)
+        # a callable loss is handed the model itself, running on these values (losses.per_sample_loss_at)
+        return per_sample_loss_at(self.model, self.loss, (x, y), {**self._fixed, **values})
 
     def _hessian(self, start: int, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, y = self._batch(start)

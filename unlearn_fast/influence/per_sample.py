@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from ..losses import Loss, check_loss, per_sample_loss
+from ..losses import Loss, check_loss, per_sample_loss, per_sample_loss_at
 from ..modes import eval_mode
 from ..validation import check_batch
 from .layers import Rule, rule_for
@@ -128,31 +128,31 @@ def join_calls(parts: list[torch.Tensor], axis: int = 1) -> torch.Tensor:
 
 
 def fallback_grads(model: nn.Module, loss: Loss, batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
-    """Materialised per-sample gradients [B, *shape] of ``names`` by torch.func, in chunks of samples."""
+    """Materialised per-sample gradients [B, *shape] of ``names`` by torch.func, in chunks of samples.
+
+    The loss is handed ``model`` itself (:func:`unlearn_fast.losses.per_sample_loss_at`), run on one
+    sample [1, ...] at a time, vmapped over the chunk; a model that vmap cannot batch (data-dependent
+    control flow, such as the attention-mask checks of transformers' SDPA attention) is run sample by sample.
+    """
     fixed = {n: p.detach() for n, p in model.named_parameters()}
     fixed.update({n: b for n, b in model.named_buffers()})
 
     def sample_loss(chosen: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        stateless = _Stateless(model, {**fixed, **chosen})
-        return per_sample_loss(stateless, loss, (x.unsqueeze(0), y.unsqueeze(0)))[0]
+        return per_sample_loss_at(model, loss, (x.unsqueeze(0), y.unsqueeze(0)), {**fixed, **chosen})[0]
 
     chosen = {n: fixed[n] for n in names}
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    parts = [per_sample(chosen, batch[0][s:s + FALLBACK_CHUNK], batch[1][s:s + FALLBACK_CHUNK])
-             for s in range(0, batch[0].shape[0], FALLBACK_CHUNK)]
+    batched, parts = True, []
+    for s in range(0, batch[0].shape[0], FALLBACK_CHUNK):
+        x, y = batch[0][s:s + FALLBACK_CHUNK], batch[1][s:s + FALLBACK_CHUNK]
+        if batched:
+            try:
+                parts.append(vmap(grad(sample_loss), in_dims=(None, 0, 0))(chosen, x, y))
+                continue
+            except RuntimeError:  # vmap could not batch the model: one sample at a time from here on
+                batched = False
+        rows = [grad(sample_loss)(chosen, x[i], y[i]) for i in range(x.shape[0])]
+        parts.append({n: torch.stack([r[n] for r in rows]) for n in names})
     return {n: torch.cat([p[n] for p in parts]) for n in names}
-
-
-class _Stateless(nn.Module):
-    """Calls ``model`` with the given parameters and buffers (torch.func.functional_call)."""
-
-    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.model = model
-        self.state = state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, self.state, (x,))
 
 
 def per_sample_grads(model: nn.Module, loss: Loss, batch: Batch, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
