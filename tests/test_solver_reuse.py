@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from test_solvers import dense, mlp_problem
@@ -100,10 +102,13 @@ def test_any_start_reaches_the_dense_solution(width, n, seed, damping, start_sca
     x, y = torch.randn(n, 3, dtype=torch.float64), torch.randint(0, 2, (n,))
     op = CurvatureOperator(model, "cross_entropy", (x, y), kind="ggn", weight_decay=1e-3, damping=damping)
     b = torch.randn(op.num_params, dtype=torch.float64)
-    expected = torch.linalg.solve(dense(model, x, y, "ggn") + (1e-3 + damping) * torch.eye(op.num_params, dtype=torch.float64), b)
+    a = dense(model, x, y, "ggn") + (1e-3 + damping) * torch.eye(op.num_params, dtype=torch.float64)
+    expected = torch.linalg.solve(a, b)
+    # LiSSA contracts the error by about 1 − 1/cond(A) per iteration, so reaching 1e-9 takes about
+    # cond(A)·ln(1e9) of them: cases beyond the 20 000 allowed say nothing about warm starts.
+    assume(solver == "cg" or float(torch.linalg.cond(a)) * math.log(1e9) < 0.8 * 20_000)
     x0 = start_scale * torch.randn_like(b) * expected.norm() / op.num_params ** 0.5
     result = solve_operator(op, b, solver=solver, tol=1e-9, max_iter=20_000, x0=x0)
     assert result.converged and result.relative_residual <= 1e-9, result.message
-    a = dense(model, x, y, "ggn") + (1e-3 + damping) * torch.eye(op.num_params, dtype=torch.float64)
     # a relative residual r bounds the relative error by cond(A)·r
     assert float((result.solution - expected).norm() / expected.norm()) <= 2e-9 * float(torch.linalg.cond(a))

@@ -11,12 +11,24 @@ from .context import TrainingContext, attach, get_context
 from .data import DATASETS, SimilarDataset, load_dataset
 from . import evaluate  # the metric module: unlearn_fast.evaluate.METRICS
 from .evaluate import METRICS, Evaluation, compute_metrics
-from .methods import METHODS, influence_unlearn, unlearn
 from .models import MODELS, build_model
 from .similarity import find_similar
 from .train import train
 
 __version__ = "0.1.0"
+
+
+# The method layer sits above influence/, similarity/ and evaluate/: it is loaded on first use, so that
+# `import unlearn_fast.influence` (or .evaluate, .similarity) never pulls in the methods above it.
+_FROM_METHODS = ("METHODS", "influence_unlearn", "unlearn")
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _FROM_METHODS:
+        from . import methods
+
+        return getattr(methods, name)
+    raise AttributeError(f"module 'unlearn_fast' has no attribute {name!r}")
 
 
 def run_study(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201

@@ -1,4 +1,4 @@
-"""The training context a model carries: its data, loss, weight decay and recipe (ARCHITECTURE.md).
+"""The training context a model carries: its data, loss, weight decay and recipe (docs/architecture.md).
 
 ``unlearn_fast.train`` records it; ``attach`` records it for a model trained elsewhere. Unlearning
 methods read it, so that ``unlearn(model, forget_ids)`` needs no more arguments, and record the ids

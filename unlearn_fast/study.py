@@ -22,9 +22,8 @@ from tqdm.auto import tqdm
 from . import atomic_io
 from .data import DATASETS, default_recipe, load_dataset
 from .data.similar_dataset import as_tensors
-from .evaluate import DEFAULT_METRICS, METRICS, Evaluation, compute_metrics
-from .evaluate.lira import LIRA_MIN_SHADOWS, SHADOW_METRICS, ULIRA_MIN_SHADOWS
-from .evaluate.reconstruction import RECONSTRUCTION_METRICS
+from .evaluate import DEFAULT_METRICS, Evaluation, compute_metrics
+from .evaluate.registry import shadow_metrics, shadows_needed, skipped_when_quick
 from .methods import METHODS, unlearn
 from .methods.expansion import SIMILAR_SUFFIX, expansion_quality, similar_base
 from .models import build_model
@@ -50,9 +49,10 @@ DEFAULT_METHODS = ("retrain", "finetune", "gradient_ascent", "graddiff", "random
                    "l1_sparse", "bad_teacher", "scrub", "fisher_forgetting", "ssd", "influence",
                    "retrain+similar", "influence+similar")
 # --quick is a smoke run that must stay within 30 s on 2 CPU cores: besides no shadows, it skips the
-# audit metrics that optimise per model. On the default study they took 7.3 s (model inversions),
-# 2.4 s (relearning) and 1.9 s (the SVC attack) of 36 s.
-QUICK_SKIPPED_METRICS = (*RECONSTRUCTION_METRICS, "relearn_steps", "mia_svc_auc_targets")
+# default metrics registered with quick=False, the audits that optimise per model.
+QUICK_SKIPPED_METRICS = skipped_when_quick(DEFAULT_METRICS)
+# The metrics that need shadow models (each entry's ``shadows`` fact: the fewest it works with).
+SHADOW_METRICS = shadow_metrics()
 # Shadow models per seed and C for LiRA / U-LiRA (off under --quick). See README for the cost.
 DEFAULT_SHADOWS = 8
 
@@ -96,11 +96,6 @@ def check_method_options(method_options: Any) -> dict[str, dict[str, Any]]:
             raise ValueError(f"method_options[{method!r}] must be a dict of options, got {type(options).__name__}")
         METHODS.resolve_hyper(method, options)  # unknown method or option raises, naming the valid ones
     return {m: dict(o) for m, o in method_options.items()}
-
-
-def _shadows_needed(metric: str) -> int:
-    """Fewest shadow models a shadow metric works with (U-LiRA's leave-one-out needs more than LiRA)."""
-    return ULIRA_MIN_SHADOWS if metric.startswith("ulira") else LIRA_MIN_SHADOWS
 
 
 def _shadow_work(methods: list[str], shadows: int) -> int:
@@ -210,19 +205,19 @@ def run_study(
     seeds = check_positive_int(seeds, "seeds")
     method_names = study_methods(methods)
     tuned = check_method_options(method_options)
+    needs = {m: shadows_needed(m) for m in SHADOW_METRICS}
     shadows = (0 if quick else DEFAULT_SHADOWS) if shadows is None else check_positive_int(
-        shadows, "shadows", minimum=0, hint=f"0 (off) or at least {ULIRA_MIN_SHADOWS} for U-LiRA")
-    if 0 < shadows < LIRA_MIN_SHADOWS or shadows > MAX_SHADOWS:
-        raise ValueError(f"shadows={shadows}: LiRA needs at least {LIRA_MIN_SHADOWS} shadow models (U-LiRA "
-                         f"{ULIRA_MIN_SHADOWS}), at most {MAX_SHADOWS}; give 0 to turn the shadow-model metrics off")
+        shadows, "shadows", minimum=0, hint=f"0 (off) or at least {max(needs.values())} for every shadow-model metric")
+    if 0 < shadows < min(needs.values()) or shadows > MAX_SHADOWS:
+        raise ValueError(f"shadows={shadows}: the shadow-model metrics need at least {min(needs.values())} shadow models "
+                         f"({', '.join(f'{m} {n}' for m, n in needs.items())}), at most {MAX_SHADOWS}; give 0 to turn "
+                         "them off")
     default_metrics = [*(m for m in DEFAULT_METRICS if not (quick and m in QUICK_SKIPPED_METRICS)),
-                       *(m for m in SHADOW_METRICS if shadows >= _shadows_needed(m))]
+                       *(m for m in SHADOW_METRICS if shadows >= needs[m])]
     metric_names = as_list(default_metrics if metrics is None else metrics, "metrics", str)
-    for name in metric_names:
-        METRICS.get(name)
-    needed = max((_shadows_needed(m) for m in metric_names if m in SHADOW_METRICS), default=0)
+    needed = max((shadows_needed(m) for m in metric_names), default=0)  # an unknown name raises, listing the valid ones
     if shadows < needed:
-        raise ValueError(f"metrics {[m for m in metric_names if m in SHADOW_METRICS]} need shadow models: give "
+        raise ValueError(f"metrics {[m for m in metric_names if shadows_needed(m)]} need shadow models: give "
                          f"shadows >= {needed} (got {shadows})")
     shadows = shadows if needed else 0  # no shadow metric asked for: train none
     default_copies = options.pop("copies", DATASETS.get(dataset).defaults["copies"])

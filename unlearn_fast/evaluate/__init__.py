@@ -1,25 +1,31 @@
-"""Metrics: one registry (``METRICS``) and :func:`compute_metrics`."""
+"""Metrics: one registry (``METRICS``) and :func:`compute_metrics`.
+
+The modules form a DAG, bottom up: :mod:`.registry` (``METRICS`` and the facts on each entry),
+:mod:`.stats` and :mod:`.ssim` (shared statistics), :mod:`.evaluation` (the ``Evaluation``
+container); above them the basic metrics (:mod:`.metrics`) and the families (:mod:`.distance`,
+:mod:`.mia`, :mod:`.relearn`, :mod:`.reconstruction`, :mod:`.lira`), which import only those below.
+Importing a family registers its metrics; they are imported here in the order that
+:data:`DEFAULT_METRICS` (and so the study's columns) follows.
+"""
 
 from __future__ import annotations
 
 import warnings
 from typing import Iterable
 
-from .evaluation import DEFAULT_RI_MIN_GAP, SPLITS, Evaluation, MissingReference, split_outputs
 from ..validation import as_list
-from .metrics import METRICS, loss_threshold_auc, residual_influence_per_target
-from . import distance as _distance  # noqa: F401,E402  (registers the distance-to-oracle metrics)
-from . import mia as _mia  # noqa: F401,E402  (registers the population MIAs)
-from . import relearn as _relearn  # noqa: F401,E402  (registers relearn_steps)
-from . import reconstruction as _reconstruction  # noqa: F401,E402  (registers the reconstruction-SSIM metrics)
-from .lira import ShadowEvidence  # noqa: E402  (importing registers LiRA and U-LiRA)
+from .evaluation import DEFAULT_RI_MIN_GAP, SPLITS, Evaluation, MissingReference, ShadowEvidence, split_outputs
+from .registry import METRICS, default_metrics
+from .stats import loss_threshold_auc
+from .metrics import residual_influence_per_target
+from . import distance as _distance  # noqa: F401  (registers the distance-to-oracle metrics)
+from . import mia as _mia  # noqa: F401  (registers the population MIAs)
+from . import relearn as _relearn  # noqa: F401  (registers relearn_steps)
+from . import reconstruction as _reconstruction  # noqa: F401  (registers the reconstruction-SSIM metrics)
+from . import lira as _lira  # noqa: F401  (registers LiRA and U-LiRA)
 
-DEFAULT_METRICS = (
-    "target_acc", "similar_acc", "retain_acc", "test_acc", "target_loss", "target_confidence",
-    "mia_auc", "residual_influence", "residual_influence_median", "kl_to_oracle_targets", "js_to_oracle_similar",
-    "weight_distance_to_oracle", "mia_svc_auc_targets", "relearn_steps", "reconstruction_ssim_targets",
-    "reconstruction_ssim_gap_to_oracle", "ri_targets_used",
-)
+# The metrics registered with default=True, in registration order, bookkeeping last.
+DEFAULT_METRICS = default_metrics()
 
 
 class MetricValues(dict):

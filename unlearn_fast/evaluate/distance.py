@@ -23,7 +23,7 @@ import math
 import torch
 
 from .evaluation import Evaluation
-from .metrics import METRICS
+from .registry import CLOSEST_TO_ORACLE, METRICS
 
 _EPS = 1e-12  # keeps log(0) finite: a probability under 1e-12 counts as 1e-12
 
@@ -66,9 +66,13 @@ def _register(split: str) -> None:
         pair = _pair(ev, split, metric)
         return math.nan if pair is None else float((pair[0].argmax(1) == pair[1].argmax(1)).double().mean())
 
-    METRICS.register(f"kl_to_oracle_{split}", description=f"mean KL(p_oracle ‖ p_model) on the {split} split, nats")(kl)
-    METRICS.register(f"js_to_oracle_{split}", description=f"mean Jensen-Shannon divergence to the oracle on the {split} split, nats")(js)
-    METRICS.register(f"agreement_with_oracle_{split}", description=f"top-1 agreement with the oracle on the {split} split")(agreement)
+    # Of these, the study's defaults are the KL on the targets and the JS on their near-duplicates.
+    METRICS.register(f"kl_to_oracle_{split}", meta={"default": split == "targets", "best": CLOSEST_TO_ORACLE},
+                     description=f"mean KL(p_oracle ‖ p_model) on the {split} split, nats")(kl)
+    METRICS.register(f"js_to_oracle_{split}", meta={"default": split == "similar", "best": CLOSEST_TO_ORACLE},
+                     description=f"mean Jensen-Shannon divergence to the oracle on the {split} split, nats")(js)
+    METRICS.register(f"agreement_with_oracle_{split}", meta={"best": CLOSEST_TO_ORACLE},
+                     description=f"top-1 agreement with the oracle on the {split} split")(agreement)
 
 
 for _split in ("targets", "similar", "test"):
@@ -79,7 +83,7 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([torch.zeros(0, dtype=torch.float64)] + [p.detach().reshape(-1).double().cpu() for p in model.parameters()])
 
 
-@METRICS.register("weight_distance_to_oracle")
+@METRICS.register("weight_distance_to_oracle", meta={"default": True, "best": CLOSEST_TO_ORACLE})
 def weight_distance_to_oracle(ev: Evaluation) -> float:
     """‖θ − θ_oracle‖ / ‖θ_original − θ_oracle‖: 1 for original, 0 for the oracle (NaN if they coincide)."""
     refs = [ev.reference(name, "weight_distance_to_oracle") for name in ("oracle", "original")]

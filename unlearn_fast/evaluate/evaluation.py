@@ -8,7 +8,7 @@ and confidences, so the model runs over each split once however many metrics are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -18,9 +18,6 @@ from ..context import CONTEXT_ATTRIBUTE
 from ..losses import Loss, check_loss, output_loss, per_sample_loss, upcast_half
 from ..modes import eval_mode
 from ..validation import check_finite_parameters, check_labels_fit, check_number
-
-if TYPE_CHECKING:
-    from .lira import ShadowEvidence
 
 SPLITS = ("targets", "similar", "retain", "test")
 # Residual-influence denominator threshold, in nats. On digits-blockmask the per-target losses of
@@ -37,6 +34,28 @@ class SplitOutputs:
     correct: torch.Tensor
     confidence: torch.Tensor  # softmax probability of the true label
     probabilities: torch.Tensor  # [n, classes] softmax outputs ([n, 0] when the outputs are not class logits)
+
+
+@dataclass(frozen=True)
+class ShadowEvidence:
+    """Shadow-model outputs for one evaluated model, by split (``targets``, ``similar``), for the
+    per-example attacks of :mod:`.lira` (the shadows are trained by :mod:`unlearn_fast.shadows`).
+
+    Attributes:
+        member: split → bool [S, n]: sample j was in shadow s's training data.
+        shadow_phi: split → [S, n] logit-scaled confidence of each trained shadow; also on ``test``
+            (never a member), which calibrates LiRA (see :func:`.lira.lira_per_sample`).
+        method_phi: split → [S, n] the same after the evaluated method unlearned each shadow's member
+            targets; None when the method was not run on the shadows.
+    """
+
+    member: dict[str, torch.Tensor]
+    shadow_phi: dict[str, torch.Tensor]
+    method_phi: dict[str, torch.Tensor] | None = None
+
+    @property
+    def count(self) -> int:
+        return int(next(iter(self.member.values())).shape[0])
 
 
 class MissingReference(ValueError):
@@ -124,7 +143,7 @@ class Evaluation:
     reference_target_loss: dict[str, torch.Tensor] = field(default_factory=dict)
     ri_min_gap: float = DEFAULT_RI_MIN_GAP
     references: dict[str, "Evaluation"] = field(default_factory=dict)
-    shadows: "ShadowEvidence | None" = None
+    shadows: ShadowEvidence | None = None
     _cache: dict[str, SplitOutputs] = field(default_factory=dict, repr=False)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
     _train_tensors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False)

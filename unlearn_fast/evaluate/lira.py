@@ -25,38 +25,16 @@ and the metrics, which read ``Evaluation.shadows`` (a :class:`ShadowEvidence`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from .evaluation import Evaluation
-from .metrics import METRICS, mean_or_nan
+from .evaluation import Evaluation, ShadowEvidence
+from .registry import CLOSEST_TO_ORACLE, METRICS, shadow_metrics
+from .stats import mean_or_nan
 
-SHADOW_METRICS = ("lira_member_rate_targets", "lira_member_rate_similar", "ulira_accuracy_targets")
 LIRA_MIN_SHADOWS = 2   # one "in" and one "out" model per sample
 ULIRA_MIN_SHADOWS = 4  # leave-one-out still keeps one model of each kind per sample
 _VAR_FLOOR = 1e-6      # identical shadows (zero spread) would make the Gaussians degenerate
-
-
-@dataclass(frozen=True)
-class ShadowEvidence:
-    """Shadow-model outputs for one evaluated model, by split (``targets``, ``similar``).
-
-    Attributes:
-        member: split → bool [S, n]: sample j was in shadow s's training data.
-        shadow_phi: split → [S, n] logit-scaled confidence of each trained shadow; also on ``test``
-            (never a member), which calibrates LiRA (see :func:`lira_per_sample`).
-        method_phi: split → [S, n] the same after the evaluated method unlearned each shadow's member
-            targets; None when the method was not run on the shadows.
-    """
-
-    member: dict[str, torch.Tensor]
-    shadow_phi: dict[str, torch.Tensor]
-    method_phi: dict[str, torch.Tensor] | None = None
-
-    @property
-    def count(self) -> int:
-        return int(next(iter(self.member.values())).shape[0])
 
 
 def logit_confidence(loss: torch.Tensor) -> torch.Tensor:
@@ -197,7 +175,7 @@ def _register_lira(split: str) -> None:
     member_rate.__doc__ = (f"Per-example LiRA on the {split} split: the fraction whose likelihood ratio says 'member' "
                            "(shadows trained with vs without each target and its near-duplicates). Compare with the "
                            "oracle's row, the attack's false-positive rate on models that never saw them.")
-    METRICS.register(f"lira_member_rate_{split}",
+    METRICS.register(f"lira_member_rate_{split}", meta={"shadows": LIRA_MIN_SHADOWS, "best": CLOSEST_TO_ORACLE},
                      description=f"LiRA: fraction of {split} called members (oracle row = false positives)")(member_rate)
 
 
@@ -205,7 +183,8 @@ for _split in ("targets", "similar"):
     _register_lira(_split)
 
 
-@METRICS.register("ulira_accuracy_targets", description="U-LiRA: per-target accuracy telling unlearned from never-trained shadows (0.5 ideal)")
+@METRICS.register("ulira_accuracy_targets", meta={"shadows": ULIRA_MIN_SHADOWS, "best": CLOSEST_TO_ORACLE},
+                  description="U-LiRA: per-target accuracy telling unlearned from never-trained shadows (0.5 ideal)")
 def ulira_accuracy_targets(ev: Evaluation) -> float:
     """Mean over targets of the U-LiRA attack accuracy: shadows that trained on the target, then
     unlearned it with this row's method, against shadows that never saw it or its near-duplicates
@@ -213,3 +192,8 @@ def ulira_accuracy_targets(ev: Evaluation) -> float:
     the attack's power."""
     values = ulira_per_target(ev)
     return mean_or_nan(values[~torch.isnan(values)])
+
+
+# Read from the entries above (no family registers shadow metrics but this one); the study asks the
+# registry itself (unlearn_fast.evaluate.registry.shadow_metrics).
+SHADOW_METRICS = shadow_metrics()

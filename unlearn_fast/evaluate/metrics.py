@@ -1,4 +1,8 @@
-"""The metric registry. A metric is ``fn(evaluation) -> float``; NaN means undefined for this case."""
+"""The basic metrics: accuracy per split, loss and confidence on the targets, the population
+loss-threshold MIA and residual influence. A metric is ``fn(evaluation) -> float``; NaN means
+undefined for this case. The registry (``METRICS``) is :mod:`.registry`; the families of metrics
+(:mod:`.mia`, :mod:`.lira`, :mod:`.distance`, :mod:`.relearn`, :mod:`.reconstruction`) sit beside this module.
+"""
 
 from __future__ import annotations
 
@@ -6,52 +10,42 @@ import math
 
 import torch
 
-from ..registry import Registry
 from .evaluation import Evaluation, MissingReference
+from .registry import CLOSEST_TO_ORACLE, HIGHEST, METRICS
+from .stats import loss_threshold_auc, mean_or_nan
 
-METRICS: Registry = Registry("metric")
-
-
-def mean_or_nan(values: torch.Tensor) -> float:
-    """Mean of ``values`` [n] as a float; NaN when n = 0 (a metric undefined for an empty split)."""
-    return float(values.mean()) if values.numel() else math.nan
+# The forget splits should read as the oracle's; retain and test accuracy should stay high.
+_ACCURACY_BEST = {"targets": CLOSEST_TO_ORACLE, "similar": CLOSEST_TO_ORACLE, "retain": HIGHEST, "test": HIGHEST}
 
 
 def _register_accuracy(split: str) -> None:
     def accuracy(ev: Evaluation) -> float:
         return mean_or_nan(ev.outputs(split).correct)
 
-    METRICS.register(f"{split.removesuffix('s')}_acc", description=f"top-1 accuracy on the {split} split")(accuracy)
+    METRICS.register(f"{split.removesuffix('s')}_acc", meta={"default": True, "best": _ACCURACY_BEST[split]},
+                     description=f"top-1 accuracy on the {split} split")(accuracy)
 
 
 for _split in ("targets", "similar", "retain", "test"):
     _register_accuracy(_split)
 
 
-@METRICS.register("target_loss")
+_DEFAULT_FORGET_QUALITY = {"default": True, "best": CLOSEST_TO_ORACLE}
+
+
+@METRICS.register("target_loss", meta=_DEFAULT_FORGET_QUALITY)
 def target_loss(ev: Evaluation) -> float:
     """Mean per-sample loss on the forget targets."""
     return mean_or_nan(ev.outputs("targets").loss)
 
 
-@METRICS.register("target_confidence")
+@METRICS.register("target_confidence", meta=_DEFAULT_FORGET_QUALITY)
 def target_confidence(ev: Evaluation) -> float:
     """Mean softmax probability of the true label on the forget targets."""
     return mean_or_nan(ev.outputs("targets").confidence)
 
 
-def loss_threshold_auc(member_loss: torch.Tensor, nonmember_loss: torch.Tensor) -> float:
-    """ROC AUC of the attack "lower loss ⇒ member" (Yeom et al. 2018), ties counted as half.
-
-    0.5: members and non-members are indistinguishable; 1: every member has a lower loss than
-    every non-member.
-    """
-    from .mia import threshold_auc  # the one AUC computation; mia.py registers on this module's registry
-
-    return threshold_auc(-member_loss, -nonmember_loss)
-
-
-@METRICS.register("mia_auc")
+@METRICS.register("mia_auc", meta=_DEFAULT_FORGET_QUALITY)
 def mia_auc(ev: Evaluation) -> float:
     """Population loss-threshold MIA: AUC of targets (members) against test samples (non-members)."""
     return loss_threshold_auc(ev.outputs("targets").loss, ev.outputs("test").loss)
@@ -78,7 +72,7 @@ def _ri_values(ev: Evaluation) -> torch.Tensor:
     return residual_influence_per_target(ev.outputs("targets").loss, refs["original"], refs["oracle"], ev.ri_min_gap)
 
 
-@METRICS.register("residual_influence")
+@METRICS.register("residual_influence", meta=_DEFAULT_FORGET_QUALITY)
 def residual_influence(ev: Evaluation) -> float:
     """Mean over targets of RI_t = (ℓ_oracle − ℓ_method)/(ℓ_oracle − ℓ_original).
 
@@ -91,7 +85,7 @@ def residual_influence(ev: Evaluation) -> float:
     return mean_or_nan(values[~torch.isnan(values)])
 
 
-@METRICS.register("residual_influence_median")
+@METRICS.register("residual_influence_median", meta=_DEFAULT_FORGET_QUALITY)
 def residual_influence_median(ev: Evaluation) -> float:
     """Median over the same targets as ``residual_influence``: robust to a few exploding ratios.
 
@@ -103,7 +97,7 @@ def residual_influence_median(ev: Evaluation) -> float:
     return float(kept.median()) if kept.numel() else math.nan
 
 
-@METRICS.register("ri_targets_used")
+@METRICS.register("ri_targets_used", meta={"default": True})  # bookkeeping: never marked best
 def ri_targets_used(ev: Evaluation) -> float:
     """How many targets passed the residual-influence denominator threshold."""
     return float((~torch.isnan(_ri_values(ev))).sum())

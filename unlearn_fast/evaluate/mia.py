@@ -18,22 +18,10 @@ import math
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from .evaluation import Evaluation, SplitOutputs
-from .metrics import METRICS
-
-
-def threshold_auc(member_scores: torch.Tensor, nonmember_scores: torch.Tensor) -> float:
-    """ROC AUC of "higher score ⇒ member" over member [m] and non-member [n] scores, ties counted as half.
-
-    NaN when either side is empty or a score is not finite.
-    """
-    scores = torch.cat([member_scores, nonmember_scores]).double()
-    if member_scores.numel() == 0 or nonmember_scores.numel() == 0 or not torch.isfinite(scores).all():
-        return math.nan
-    truth = np.r_[np.ones(member_scores.numel()), np.zeros(nonmember_scores.numel())]
-    return float(roc_auc_score(truth, scores.numpy()))
+from .registry import CLOSEST_TO_ORACLE, METRICS
+from .stats import threshold_auc
 
 
 def entropy(probabilities: torch.Tensor) -> torch.Tensor:
@@ -59,7 +47,8 @@ def _register(kind: str, split: str) -> None:
         return threshold_auc(_score(ev.outputs(split), kind), _score(ev.outputs("test"), kind))
 
     attack.__doc__ = f"Population MIA, score {kind}: ROC AUC of the {split} split (members) against test samples."
-    METRICS.register(name, description=f"{kind}-threshold MIA AUC, {split} vs test (0.5: indistinguishable)")(attack)
+    METRICS.register(name, meta={"best": CLOSEST_TO_ORACLE},
+                     description=f"{kind}-threshold MIA AUC, {split} vs test (0.5: indistinguishable)")(attack)
 
 
 for _kind in ("loss", "confidence", "entropy"):
@@ -127,7 +116,9 @@ def _register_svc(split: str) -> None:
 
     attack.__doc__ = (f"SVC membership attack (SalUn's): trained on retain (members) vs half of test, then the ROC AUC "
                       f"of the {split} split against the other half of test.")
-    METRICS.register(name, description=f"SVC MIA AUC over 4 output features, {split} vs held-out test")(attack)
+    # Fitting an SVC per model is too slow for --quick (1.9 s of a 36 s default study).
+    METRICS.register(name, meta={"default": split == "targets", "quick": False, "best": CLOSEST_TO_ORACLE},
+                     description=f"SVC MIA AUC over 4 output features, {split} vs held-out test")(attack)
 
 
 for _split in ("targets", "similar"):

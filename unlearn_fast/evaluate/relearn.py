@@ -16,7 +16,7 @@ import torch
 from ..losses import per_sample_loss
 from ..modes import eval_mode
 from .evaluation import Evaluation
-from .metrics import METRICS
+from .registry import CLOSEST_TO_ORACLE, METRICS
 
 RELEARN_LR = 0.01      # plain SGD, full batch of the targets, no momentum or weight decay
 RELEARN_MAX_STEPS = 200  # a model still short of the goal after this many steps scores max + 1 (censored)
@@ -46,7 +46,8 @@ def relearn_steps_to(model: torch.nn.Module, loss, inputs: torch.Tensor, labels:
     return max_steps + 1
 
 
-@METRICS.register("relearn_steps", description=(
+# Relearning optimises a copy of every model: too slow for --quick (2.4 s of a 36 s default study).
+@METRICS.register("relearn_steps", meta={"default": True, "quick": False, "best": CLOSEST_TO_ORACLE}, description=(
     f"SGD steps (full batch of the targets, lr {RELEARN_LR:g}) for a copy of the model to regain the original's "
     f"accuracy on the targets; {RELEARN_MAX_STEPS + 1} when it does not within {RELEARN_MAX_STEPS}."))
 def relearn_steps(ev: Evaluation) -> float:

@@ -1,4 +1,4 @@
-"""Parameter-space vectors: flat tensors [P] / [K, P] or dicts name → tensor (ARCHITECTURE.md).
+"""Parameter-space vectors: flat tensors [P] / [K, P] or dicts name → tensor (docs/architecture.md).
 
 The flat order is that of ``model.named_parameters()``, keeping only parameters that require grad.
 Every function that takes a vector accepts both forms; :func:`as_dict` and :func:`as_flat` convert.

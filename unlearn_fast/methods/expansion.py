@@ -1,6 +1,6 @@
 """Similarity-aware unlearning: expand a deletion request with the near-duplicates of its targets.
 
-Near-duplicates left in the training data keep a target's influence alive (ARCHITECTURE.md), so
+Near-duplicates left in the training data keep a target's influence alive (docs/architecture.md), so
 ``unlearn(..., similar=...)`` and ``influence_unlearn(..., similar=...)`` look them up with
 :func:`unlearn_fast.similarity.find_similar` over the model's training data. They either remove
 them together with the targets (``similar_action="remove"``) or only list them (``"report"``: for

@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from ..evaluate import METRICS
+from ..evaluate.registry import CLOSEST_TO_ORACLE, HIGHEST, LOWEST
+
 IDENTITY_KEYS = ("dataset", "method", "seed", "similar", "targets", "model", "schema_version", "shadows")
 # The record layout this version writes and reads. Records without the key predate versioning
 # (they hold the same identifying keys and metrics) and are read; any other version is refused.
@@ -30,21 +33,11 @@ TIME_RATIO = "seconds_vs_retrain"  # summarised as a ratio of medians with a ran
 TRAILING_METRICS = ("added", "added_precision", "added_recall", "seconds", "seconds_vs_retrain", "ri_targets_used")
 
 
-# How "best" is judged per metric column, first match wins ("x*" matches every name starting with x):
-# "oracle" = closest to the oracle row of the same (dataset, C) table; "max" / "min" = highest / lowest;
-# None = not marked (bookkeeping). Metrics matching no rule are not marked either.
-CLOSEST_TO_ORACLE, HIGHEST, LOWEST = "oracle", "max", "min"
-BEST_RULES: tuple[tuple[str, str | None], ...] = (
-    ("target_acc", CLOSEST_TO_ORACLE), ("similar_acc", CLOSEST_TO_ORACLE), ("target_loss", CLOSEST_TO_ORACLE),
-    ("target_confidence", CLOSEST_TO_ORACLE), ("relearn_steps", CLOSEST_TO_ORACLE),
-    ("residual_influence*", CLOSEST_TO_ORACLE), ("mia_*", CLOSEST_TO_ORACLE), ("lira*", CLOSEST_TO_ORACLE),
-    ("ulira*", CLOSEST_TO_ORACLE), ("kl_*", CLOSEST_TO_ORACLE), ("js_*", CLOSEST_TO_ORACLE),
-    ("agreement_with_oracle*", CLOSEST_TO_ORACLE), ("weight_distance*", CLOSEST_TO_ORACLE),
-    ("reconstruction*", CLOSEST_TO_ORACLE), ("ssim*", CLOSEST_TO_ORACLE),
-    ("retain_acc", HIGHEST), ("test_acc", HIGHEST),
-    ("seconds", LOWEST), ("seconds_vs_retrain", LOWEST),
-    ("ri_targets_used", None), ("added*", None), ("targets", None),
-)
+# How "best" is judged per column: a metric's rule is the ``best`` fact on its registry entry
+# (CLOSEST_TO_ORACLE = closest to the oracle row of the same (dataset, C) table; HIGHEST / LOWEST;
+# None = not marked). Of the record's other numeric columns, which are not metrics, the times are
+# judged here; the rest (the "+similar" search counts, bookkeeping) are never marked.
+NON_METRIC_RULES = {"seconds": LOWEST, "seconds_vs_retrain": LOWEST}
 # The rows that set the scale rather than compete: `original` is where unlearning starts, `oracle` where it should end.
 REFERENCE_METHODS = ("original", "oracle")
 BEST_NOTE = ("Bold marks the best value per column within each (dataset, C) table, among the methods other than "
@@ -189,11 +182,9 @@ def group_rows(summary: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, Any], li
 
 
 def best_rule(metric: str) -> str | None:
-    """How the best value of ``metric`` is judged (see :data:`BEST_RULES`); None: not marked."""
-    for pattern, rule in BEST_RULES:
-        if metric == pattern or (pattern.endswith("*") and metric.startswith(pattern[:-1])):
-            return rule
-    return None
+    """How the best value of the column ``metric`` is judged: a registered metric's ``best`` fact, or
+    :data:`NON_METRIC_RULES` for the other columns; None: not marked."""
+    return METRICS.get(metric).meta["best"] if metric in METRICS else NON_METRIC_RULES.get(metric)
 
 
 def interval(stat: Mapping[str, Any] | None) -> tuple[float, float] | None:
