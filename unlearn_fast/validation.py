@@ -125,6 +125,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def check_finite(values: torch.Tensor, what: str, where: str, *, error: type[Exception] = ValueError,
+                 first_sample: int | None = None, hint: str = "") -> torch.Tensor:
+    """``values`` unchanged when every entry is finite; otherwise ``error`` saying "non-finite {what}
+    {where}". With ``first_sample`` (the index of row 0 in a larger run), ``values`` is [B, ...] and
+    the message names the first row with NaN or inf and how many of the B have one; ``hint`` ends it."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return values
+    detail = ""
+    if first_sample is not None:
+        bad = ~finite.reshape(values.shape[0], -1).all(dim=1)
+        detail = f" (sample {first_sample + int(bad.nonzero()[0])}, {int(bad.sum())} of {values.shape[0]} in its batch)"
+    raise error(f"non-finite {what} {where}{detail}{': ' + hint if hint else ''}")
+
+
 def check_finite_parameters(model: nn.Module, what: str, hint: str = "", error: type[Exception] = ValueError) -> None:
     """Raise ``error`` naming the first parameter of ``model`` with a NaN or inf entry, if any.
 

@@ -17,7 +17,7 @@ from ..data.similar_dataset import SimilarDataset, as_tensors
 from ..context import CONTEXT_ATTRIBUTE
 from ..losses import Loss, check_loss, output_loss, per_sample_loss, upcast_half
 from ..modes import eval_mode
-from ..validation import check_finite_parameters, check_labels_fit, check_number
+from ..validation import check_finite, check_finite_parameters, check_labels_fit, check_number
 
 SPLITS = ("targets", "similar", "retain", "test")
 # Residual-influence denominator threshold, in nats. On digits-blockmask the per-target losses of
@@ -62,15 +62,9 @@ class MissingReference(ValueError):
     """A metric needs a reference model's evaluation (or its target losses) that was not given."""
 
 
-def _check_finite(values: torch.Tensor, what: str, where: str, start: int) -> None:
-    """A FloatingPointError naming ``where`` and the first sample whose ``values`` [B, ...] hold NaN or inf:
-    metrics of such outputs would be NaN (a loss-threshold AUC came out as mia_auc=nan, unannounced)."""
-    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        first = start + int(bad.nonzero()[0])
-        raise FloatingPointError(f"non-finite {what} on {where} (sample {first}, {int(bad.sum())} of {values.shape[0]} "
-                                 f"in its batch): the model's weights or buffers (e.g. BatchNorm statistics) are broken or overflow "
-                                 "on these inputs; no metric of it is meaningful")
+# Metrics of non-finite outputs would be NaN (a loss-threshold AUC came out as mia_auc=nan, unannounced).
+BROKEN_OUTPUTS = ("the model's weights or buffers (e.g. BatchNorm statistics) are broken or overflow on these inputs; "
+                  "no metric of it is meaningful")
 
 
 def _accumulate(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, losses: list[torch.Tensor],
@@ -78,12 +72,13 @@ def _accumulate(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, 
                 where: str, start: int) -> None:
     logits = model(x)
     logits = upcast_half(logits)
-    _check_finite(logits, "model outputs", where, start)
+    check_finite(logits, "model outputs", f"on {where}", error=FloatingPointError, first_sample=start, hint=BROKEN_OUTPUTS)
     if loss == "cross_entropy" and logits.dim() == 2:  # checked on these outputs: no extra forward pass
         check_labels_fit(logits.shape[1], y, where)
     # A named loss is applied to these logits; a callable loss needs the model itself.
     per_sample = output_loss(loss, logits, y) if isinstance(loss, str) else per_sample_loss(model, loss, (x, y))
-    _check_finite(per_sample, "per-sample losses", where, start)
+    check_finite(per_sample, "per-sample losses", f"on {where}", error=FloatingPointError, first_sample=start,
+                 hint=BROKEN_OUTPUTS)
     losses.append(per_sample.cpu())
     if y.dim() == 1 and not y.is_floating_point() and logits.dim() == 2:
         probs = torch.softmax(logits.float(), dim=1)

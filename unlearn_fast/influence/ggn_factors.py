@@ -32,7 +32,8 @@ from torch import nn
 
 from ..modes import eval_mode
 from .cotangents import hessian_root_times
-from .per_sample import LayerCache, check_finite, check_output_grad, join_calls, plan_layers, recording
+from ..validation import check_finite
+from .per_sample import LayerCache, check_output_grad, join_calls, plan_layers, recording
 
 
 @dataclass
@@ -166,12 +167,12 @@ def ggn_factors_vp(factors: GGNFactors, vectors: dict[str, torch.Tensor], params
     c: torch.Tensor | None = None
     for layer in factors.layers:
         local_v = {local: vectors[full].to(layer.g.dtype) for local, full in layer.names.items()}
-        dots = check_finite(layer.rule.multi_dots(layer.module, layer.a, layer.g, local_v), "GGN dot", f"layer {layer.module_name!r}")
+        dots = check_finite(layer.rule.multi_dots(layer.module, layer.a, layer.g, local_v), "GGN dot", f"at layer {layer.module_name!r}")
         c = dots if c is None else c + dots
     out: dict[str, torch.Tensor] = {}
     for layer in factors.layers:
         for local, value in layer.rule.multi_weighted_sum(layer.module, layer.a, layer.g, c).items():
-            out[layer.names[local]] = check_finite(value, "GGN product", f"layer {layer.module_name!r}")
+            out[layer.names[local]] = check_finite(value, "GGN product", f"at layer {layer.module_name!r}")
     return {name: out[name] if name in out else p.new_zeros(k, *p.shape) for name, p in params.items()}
 
 

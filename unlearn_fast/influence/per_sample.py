@@ -20,7 +20,7 @@ from torch.func import grad, vmap
 
 from ..losses import Loss, check_loss, per_sample_loss, per_sample_loss_at
 from ..modes import eval_mode
-from ..validation import check_batch
+from ..validation import check_batch, check_finite
 from .layers import Rule, rule_for
 from .vectors import Vector, as_dict, trainable
 
@@ -167,12 +167,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def check_finite(values: torch.Tensor, what: str, where: str) -> torch.Tensor:
-    if not torch.isfinite(values).all():
-        raise ValueError(f"non-finite {what} at {where}")
-    return values
-
-
 def grad_dots(model: nn.Module, loss: Loss, batch: Batch, vectors: Vector, layers: list[str] | None = None) -> torch.Tensor:
     """⟨∇ℓ_i, v_k⟩ for each sample i of ``batch`` and each of K parameter-space vectors → [B, K].
 
@@ -252,9 +246,9 @@ def factors_sq_norms(factors: Factors) -> torch.Tensor:
     cap = factors.captured
     total = torch.zeros(factors.batch_size, dtype=cap.losses.dtype, device=cap.losses.device)
     for layer in cap.layers:
-        total += check_finite(layer.rule.sq_norms(layer.module, layer.a, layer.g), "gradient norm", f"layer {layer.module_name!r}")
+        total += check_finite(layer.rule.sq_norms(layer.module, layer.a, layer.g), "gradient norm", f"at layer {layer.module_name!r}")
     for name, g in factors.fallback.items():
-        total += check_finite(_rows(g).pow(2).sum(1), "gradient norm", f"parameter {name!r}")
+        total += check_finite(_rows(g).pow(2).sum(1), "gradient norm", f"at parameter {name!r}")
     return total
 
 
@@ -264,9 +258,9 @@ def factors_dots(factors: Factors, vectors: dict[str, torch.Tensor]) -> torch.Te
     total = torch.zeros(factors.batch_size, next(iter(vectors.values())).shape[0], dtype=cap.losses.dtype, device=cap.losses.device)
     for layer in cap.layers:
         local_v = {local: vectors[full].to(layer.g.dtype) for local, full in layer.names.items()}
-        total += check_finite(layer.rule.dots(layer.module, layer.a, layer.g, local_v), "gradient dot", f"layer {layer.module_name!r}")
+        total += check_finite(layer.rule.dots(layer.module, layer.a, layer.g, local_v), "gradient dot", f"at layer {layer.module_name!r}")
     for name, g in factors.fallback.items():
-        total += check_finite(_rows(g) @ _rows(vectors[name]).to(g.dtype).T, "gradient dot", f"parameter {name!r}")
+        total += check_finite(_rows(g) @ _rows(vectors[name]).to(g.dtype).T, "gradient dot", f"at parameter {name!r}")
     return total
 
 
@@ -276,7 +270,7 @@ def factors_weighted_sum(factors: Factors, c: torch.Tensor, params: dict[str, nn
     out: dict[str, torch.Tensor] = {}
     for layer in cap.layers:
         for local, value in layer.rule.weighted_sum(layer.module, layer.a, layer.g, c.to(layer.g.dtype)).items():
-            out[layer.names[local]] = check_finite(value, "weighted gradient sum", f"layer {layer.module_name!r}")
+            out[layer.names[local]] = check_finite(value, "weighted gradient sum", f"at layer {layer.module_name!r}")
     for name, g in factors.fallback.items():
         out[name] = (c.to(g.dtype).T @ _rows(g)).reshape(c.shape[1], *g.shape[1:])
     # a module unused by this batch's forward has zero gradients
@@ -307,9 +301,9 @@ def factors_gram(first: Factors, second: Factors, dtype: torch.dtype | None = No
         if other is None:  # the module did not run on the second batch: its gradients there are zero
             continue
         block = layer.rule.cross_dots(layer.module, layer.a, layer.g, other.a, other.g)
-        out += check_finite(block, "gradient Gram", f"layer {layer.module_name!r}")
+        out += check_finite(block, "gradient Gram", f"at layer {layer.module_name!r}")
     for name, g in first.fallback.items():
-        out += check_finite(_rows(g) @ _rows(second.fallback[name]).T, "gradient Gram", f"parameter {name!r}")
+        out += check_finite(_rows(g) @ _rows(second.fallback[name]).T, "gradient Gram", f"at parameter {name!r}")
     return out
 
 
@@ -355,5 +349,5 @@ def loss_and_gradient(model: nn.Module, loss: Loss, batch: Batch,
         grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
     out = {}
     for (name, p), g in zip(params.items(), grads):
-        out[name] = check_finite(g if g is not None else torch.zeros_like(p), "gradient", f"parameter {name!r}")
+        out[name] = check_finite(g if g is not None else torch.zeros_like(p), "gradient", f"at parameter {name!r}")
     return losses.detach(), out

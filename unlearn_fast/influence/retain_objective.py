@@ -29,7 +29,8 @@ from torch import nn
 
 from ..losses import Loss, per_sample_loss
 from ..modes import eval_mode
-from .per_sample import check_finite, loss_and_gradient
+from ..validation import check_finite
+from .per_sample import loss_and_gradient
 from .vectors import flat_params
 
 GRADIENTS = ("forget", "retain")
@@ -65,7 +66,7 @@ class RetainObjective:
         else:
             _, retain_sum = self._sums(retain)
             g0 = retain_sum / n_retain + lam * theta
-        self.g0 = check_finite(g0, "the first step's gradient", "the retain objective")
+        self.g0 = check_finite(g0, "the first step's gradient", "at the retain objective")
         self.tilt = sample_grad / self.size + lam * theta - self.g0
         self.value0 = self._objective(sample_loss / self.size, theta)
         self.loss0 = abs(sample_loss / self.size)
@@ -113,7 +114,7 @@ class RetainObjective:
         """∇Φ [P] at the current parameters: one forward/backward pass over S."""
         _, grad = self._loss_and_gradient(self.samples)
         theta = flat_params(self.params)
-        return check_finite(grad / self.size + self.weight_decay * theta - self.tilt, "the gradient", "the retain objective")
+        return check_finite(grad / self.size + self.weight_decay * theta - self.tilt, "the gradient", "at the retain objective")
 
 
 __all__ = ["GRADIENTS", "RetainObjective"]

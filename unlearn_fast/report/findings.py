@@ -42,7 +42,7 @@ def num(stat: Stat) -> str:
 def separation(a: Stat, b: Stat) -> int:
     """+1 when ``a``'s 95% CI lies wholly above ``b``'s, −1 wholly below, 0 when they overlap or either is undefined."""
     (ma, ca), (mb, cb) = a, b
-    if not all(math.isfinite(v) for v in (ma, ca, mb, cb)):
+    if not separation_defined(a, b):
         return 0
     return 1 if ma - ca > mb + cb else -1 if ma + ca < mb - cb else 0
 
@@ -54,7 +54,7 @@ def separation_defined(a: Stat, b: Stat) -> bool:
 
 def _versus(a: Stat, b: Stat) -> str:
     """Whether ``a`` and ``b`` differ beyond their 95% CIs, in words."""
-    if not all(math.isfinite(v) for v in (*a, *b)):
+    if not separation_defined(a, b):
         return "one seed: no CI" if all(math.isfinite(v) for v in (a[0], b[0])) else "not comparable"
     return "the CIs do not overlap" if separation(a, b) else "within the CIs"
 
