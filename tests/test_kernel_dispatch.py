@@ -225,11 +225,16 @@ def test_influence_unlearn_products_go_through_the_dispatch(monkeypatch, trained
     """influence_unlearn's per-sample and factored products are the dispatch's operations. (The default
     GGN with plain CG multiplies one vector at a time by jvp/vjp, which has no per-layer product to
     dispatch: see unlearn_fast/influence/curvature.py, FACTORED_GGN_MIN_VECTORS.)"""
+    from unlearn_fast.influence import layers
+
     calls = Counter()
     for name in kernels.__all__:
         if name.startswith("linear_"):
             real = getattr(kernels, name)
-            monkeypatch.setattr(kernels, name, lambda *args, real=real, name=name: calls.update([name]) or real(*args))
+            counted = (lambda *args, real=real, name=name: calls.update([name]) or real(*args))
+            monkeypatch.setattr(kernels, name, counted)
+            if hasattr(layers, name):  # the layer rules import the dispatch's operations by name
+                monkeypatch.setattr(layers, name, counted)
     model = copy.deepcopy(trained_mlp)
     uf.influence_unlearn(model, [0, 1, 2], progress=False, device="cpu", **options)
     assert expected <= set(calls), dict(calls)

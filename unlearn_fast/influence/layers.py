@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
+from ..kernels import (linear_cross_dots, linear_dots, linear_multi_dots, linear_multi_weighted_sum, linear_sq_norms,
+                      linear_weighted_sum)
 from ..kernels import torch_path
 
 
@@ -146,7 +147,7 @@ class LinearRule(Rule):
         total = torch.zeros(b, next(iter(v.values())).shape[0], dtype=g.dtype, device=g.device)
         if "weight" in names:
             w = self.to_matrix(module, v["weight"])  # [K, d_out, d_in]
-            total += kernels.linear_dots(a, g, w)
+            total += linear_dots(a, g, w)
         if "bias" in names:
             total += g.sum(1) @ v["bias"].T
         return total
@@ -155,7 +156,7 @@ class LinearRule(Rule):
         names = self.params(module)
         out = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
         if "weight" in names:
-            out += kernels.linear_sq_norms(a, g)
+            out += linear_sq_norms(a, g)
         if "bias" in names:
             out += g.sum(1).pow(2).sum(1)
         return out
@@ -164,7 +165,7 @@ class LinearRule(Rule):
         names = self.params(module)
         out = {}
         if "weight" in names:
-            out["weight"] = self.from_matrix(module, kernels.linear_weighted_sum(a, g, c))
+            out["weight"] = self.from_matrix(module, linear_weighted_sum(a, g, c))
         if "bias" in names:
             out["bias"] = torch.einsum("bk,bto->ko", c, g)
         return out
@@ -173,7 +174,7 @@ class LinearRule(Rule):
         names = self.params(module)
         total = torch.zeros(g.shape[0], g.shape[1], next(iter(v.values())).shape[0], dtype=g.dtype, device=g.device)
         if "weight" in names:
-            total += kernels.linear_multi_dots(a, g, self.to_matrix(module, v["weight"]))
+            total += linear_multi_dots(a, g, self.to_matrix(module, v["weight"]))
         if "bias" in names:
             total += _position_sums(g) @ v["bias"].T
         return total
@@ -183,7 +184,7 @@ class LinearRule(Rule):
         out = {}
         c = c.to(g.dtype)
         if "weight" in names:
-            out["weight"] = self.from_matrix(module, kernels.linear_multi_weighted_sum(a, g, c))
+            out["weight"] = self.from_matrix(module, linear_multi_weighted_sum(a, g, c))
         if "bias" in names:  # Σ_{i,r} c_{i,r,k} Σ_t G_{i,r,t}: one [K, B·R] × [B·R, d_out] GEMM
             out["bias"] = c.reshape(-1, c.shape[-1]).T @ _position_sums(g).reshape(-1, g.shape[-1])
         return out
@@ -195,7 +196,7 @@ class LinearRule(Rule):
             return super().cross_dots(module, a1, g1, a2, g2)  # chunks of built g (bias included), then GEMMs
         out = torch.zeros(b1, b2, dtype=g1.dtype, device=g1.device)
         if "weight" in names:  # for T = 1 this is (A1A2ᵀ) ⊙ (G1G2ᵀ)
-            out += kernels.linear_cross_dots(a1, g1, a2, g2)
+            out += linear_cross_dots(a1, g1, a2, g2)
         if "bias" in names:
             out += g1.sum(1) @ g2.sum(1).T
         return out

@@ -49,7 +49,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unlearn_fast import _C
+from .._C import candidate_pairs as _c_candidate_pairs
+from .._C import connected_components as _c_connected_components
+from .._C import exact_jaccard as _c_exact_jaccard
+from .._C import minhash_signatures as _c_minhash_signatures
 from unlearn_fast.validation import check_choice, check_int_in, check_number, check_positive_int
 
 UNITS = ("char", "word")
@@ -123,7 +126,7 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 128, ngram: int = 5
     texts = _texts(texts)
     num_perm = _num_perm(num_perm, len(texts))
     ngram, seed, word = _shingle_args(ngram, seed, unit)
-    return _C.minhash_signatures(texts, num_perm, ngram, seed, word, _threads(num_threads))
+    return _c_minhash_signatures(texts, num_perm, ngram, seed, word, _threads(num_threads))
 
 
 def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float | np.ndarray:
@@ -143,7 +146,7 @@ def exact_jaccard(texts: Sequence[str], pairs: Any, ngram: int = 5, seed: int = 
                   num_threads: int | None = None) -> np.ndarray:
     """Exact Jaccard similarity [M] of the shingle-hash sets of each pair (i, j) of ``pairs`` [M, 2]."""
     ngram, seed, word = _shingle_args(ngram, seed, unit)
-    return _C.exact_jaccard(_texts(texts), _pairs(pairs), ngram, seed, word, _threads(num_threads))
+    return _c_exact_jaccard(_texts(texts), _pairs(pairs), ngram, seed, word, _threads(num_threads))
 
 
 @lru_cache(maxsize=256)
@@ -197,7 +200,7 @@ def candidate_pairs(signatures: np.ndarray, bands: int, rows: int, num_threads: 
     rows = check_positive_int(rows, "rows")
     if bands * rows > sig.shape[1]:
         raise ValueError(f"bands={bands} × rows={rows} = {bands * rows} exceeds num_perm={sig.shape[1]}")
-    return _C.candidate_pairs(np.ascontiguousarray(sig), bands, rows, _threads(num_threads))
+    return _c_candidate_pairs(np.ascontiguousarray(sig), bands, rows, _threads(num_threads))
 
 
 def near_duplicate_pairs(texts: Sequence[str], threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
@@ -243,7 +246,7 @@ def near_duplicate_groups(texts: Sequence[str], threshold: float = 0.8, num_perm
     texts = _texts(texts)
     pairs, _ = near_duplicate_pairs(texts, threshold, num_perm, ngram, seed, unit, verify, bands, rows,
                                     fp_weight, fn_weight, num_threads)
-    labels = _C.connected_components(len(texts), pairs)
+    labels = _c_connected_components(len(texts), pairs)
     groups: dict[int, list[int]] = {}
     for doc in np.unique(pairs).tolist():  # ascending, so each group comes out sorted
         groups.setdefault(int(labels[doc]), []).append(doc)
